@@ -1,0 +1,54 @@
+# The two commands of the README (`make demo`, `make test`) create or update the
+# virtual environment from requirements.lock first, so they work on a fresh machine
+# that has nothing but Python 3.11.
+PYTHON ?= python3.11
+VENV ?= .venv
+LOCK := requirements.lock
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-all lint format bench-preprocess lock clean
+
+venv: $(STAMP)
+
+$(STAMP): $(LOCK) setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		--no-deps --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
+	touch $(STAMP)
+
+# Main job on the embedded synthetic data set: generate + preprocess + statistics.
+demo: venv
+	$(BIN)/dnc preprocess --source synthetic --output $(DEMO_DIR)
+	@echo "stats: $(DEMO_DIR)/stats.json"
+
+# Default test run (< 15 minutes on 2 cores); long runs are marked `slow`.
+test: venv
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench-preprocess: venv
+	$(BIN)/python bench/preprocess.py
+
+# Re-resolve requirements.in into requirements.lock (needs the network to PyPI).
+lock:
+	$(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv
+	.venv-lock/bin/uv pip compile requirements.in --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --generate-hashes --no-header -o $(LOCK)
+
+clean:
+	rm -rf $(VENV) .venv-lock runs .pytest_cache

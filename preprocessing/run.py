@@ -1,0 +1,138 @@
+"""Runs the preprocessing pipeline and publishes its output directory atomically.
+
+Everything is written to a staging directory beside ``--output``; only after the
+Beam run succeeded and the outputs were checked is it renamed into place, so a
+reader never sees a half-written output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Dict, List
+
+import apache_beam as beam
+import tensorflow_transform as tft
+
+from preprocessing import beam_pipeline, features
+from preprocessing.config import PreprocessConfig
+from preprocessing.sources import check_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessResult:
+    """What a finished preprocessing run produced.
+
+    Attributes:
+        output: the published output directory.
+        stats: the content of ``stats.json``.
+    """
+
+    output: str
+    stats: Dict[str, Any]
+
+
+def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
+    """Runs the Beam pipeline for ``config`` and publishes ``config.output``.
+
+    Raises:
+        InputError: the input is missing or empty (nothing is written).
+    """
+    check_input(config.source)
+    output = os.path.abspath(config.output)
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{os.path.basename(output)}.staging-{uuid.uuid4().hex[:8]}")
+    start = time.monotonic()
+    log.info("preprocessing %s -> %s (staging %s)", config.source.name, output, staging)
+    try:
+        with beam.Pipeline(options=beam_pipeline.pipeline_options(config)) as p:
+            beam_pipeline.build_pipeline(p, config, staging)
+        stats = _finalize(staging, config, time.monotonic() - start)
+        _publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return PreprocessResult(output=output, stats=stats)
+
+
+def _finalize(staging: str, config: PreprocessConfig, elapsed: float) -> Dict[str, Any]:
+    shutil.rmtree(os.path.join(staging, "tmp"), ignore_errors=True)
+    part = os.path.join(staging, beam_pipeline.STATS_PART)
+    with open(part, encoding="utf-8") as f:
+        stats = json.load(f)
+    os.remove(part)
+    items = write_items_table(staging)
+    if len(items) != stats["items"]:
+        raise RuntimeError(
+            f"items.tsv has {len(items)} items but the pipeline counted {stats['items']}"
+        )
+    stats.update(
+        source=config.source.name,
+        input=config.source.input,
+        elapsed_seconds=round(elapsed, 2),
+        interactions_per_second=round(stats["interactions_read"] / max(elapsed, 1e-9), 1),
+    )
+    with open(os.path.join(staging, features.STATS_FILE), "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return stats
+
+
+def write_items_table(output_dir: str) -> List[List[str]]:
+    """Writes ``items.tsv`` from the TFT item vocabulary; returns its rows.
+
+    The rows are read back from the transform graph's own asset, so the table
+    and the serving-time mapping cannot disagree.
+    """
+    tf_transform_output = tft.TFTransformOutput(os.path.join(output_dir, features.TRANSFORM_DIR))
+    vocab = tf_transform_output.vocabulary_file_by_name(features.ITEM_CLUSTER_VOCAB)
+    rows = []
+    with open(vocab, encoding="utf-8") as f:
+        for index, line in enumerate(f):
+            item_id, cluster = line.rstrip("\n").split(features.VOCAB_DELIMITER)
+            rows.append([item_id, str(index), cluster])
+    with open(os.path.join(output_dir, features.ITEMS_FILE), "w", encoding="utf-8") as f:
+        f.write("\t".join(features.ITEMS_HEADER) + "\n")
+        for row in rows:
+            f.write("\t".join(row) + "\n")
+    return rows
+
+
+def _publish(staging: str, output: str) -> None:
+    """Renames ``staging`` to ``output``, replacing an earlier output."""
+    old = None
+    if os.path.exists(output):
+        old = f"{output}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(output, old)
+    os.rename(staging, output)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def format_summary(result: PreprocessResult) -> str:
+    """A short human summary of a run."""
+    s = result.stats
+    lines = [
+        f"preprocessed {s['source']} in {s['elapsed_seconds']:.1f}s -> {result.output}",
+        f"  rows read {s['rows_read']:,}  accepted interactions {s['interactions_read']:,}  "
+        f"skipped {s['skipped_rows']:,}  rejected {s['rejected_rows']:,}",
+        f"  users {s['users']:,}  items {s['items']:,}  interactions {s['interactions']:,}  "
+        f"(users too short to split: {s['users_too_short']:,})",
+        f"  filter {s['filter']['mode']}: {s['filter']['rounds']} rounds, "
+        f"stable={s['filter']['stable']}",
+        f"  {s['clusters']} clusters ({s['clustering']}):",
+    ]
+    for name, size in zip(s["cluster_names"], s["cluster_sizes"], strict=True):
+        lines.append(f"    {name:>12s}  {size:,} items")
+    if s["rejected_rows"]:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(s["rejected_by_reason"].items()))
+        lines.append(f"  quarantined rows: {reasons} (see {features.QUARANTINE_DIR}/)")
+    return "\n".join(lines)
