@@ -127,16 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PROJECT_LOGGERS = ("dnc", "preprocessing", "trainer", "serving", "pipeline")
+# Benign and repeated once per TFT lookup table; it says nothing actionable to a user.
+_MUTED_MESSAGES = ("Tables initialized inside a tf.function",)
+
+
+class _MuteKnownNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(m in record.getMessage() for m in _MUTED_MESSAGES)
+
+
 def _configure_logging(level_name: str) -> None:
+    """Project loggers at ``level_name``; libraries (Beam, TF) at WARNING unless DEBUG."""
     level = logging.getLevelName(level_name.upper())
     if not isinstance(level, int):
         raise SystemExit(f"dnc: unknown --log-level {level_name!r}")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level > logging.DEBUG:
-        # Library chatter (Beam sinks, TF asset writes) only at --log-level DEBUG.
-        for name in ("apache_beam", "tensorflow", "absl"):
-            logging.getLogger(name).setLevel(max(level, logging.WARNING))
-        logging.getLogger("absl").setLevel(max(level, logging.ERROR))
+    library_level = level if level <= logging.DEBUG else max(level, logging.WARNING)
+    logging.basicConfig(
+        level=library_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_MuteKnownNoise())
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -146,8 +146,8 @@ CATEGORIES = {"a1": "A", "a2": "A", "b1": "B", "c1": "C", "d1": "D", "e1": "E", 
 
 
 def test_category_merges_least_interacted_into_other() -> None:
-    items = ["a1", "a2", "b1", "c1", "d1", "e1", "u1", "x1", "x2"]
-    contexts = {"x1": ["a1", "b1", "a2"], "x2": []}
+    items = ["a1", "a2", "b1", "c1", "d1", "e1", "u1", "x1", "x2", "x3"]
+    contexts = {"x1": ["a1", "b1", "a2"], "x2": [], "x3": ["b1", "a1", "zz", "nope"]}
     config = ClusteringConfig(method="category", num_clusters=3)
     assignment = fit_clusters(CATEGORY_SEQUENCES, items, CATEGORIES, contexts, config)
     # A (10) and B (8, ties with C by name) keep their clusters; C, D, E become "other".
@@ -162,10 +162,11 @@ def test_category_merges_least_interacted_into_other() -> None:
         "u1": 1,  # context (preceding train items) all B
         "x1": 0,  # context majority A
         "x2": 2,  # no context: largest cluster ("other", 3 categorised items)
+        "x3": 0,  # A and B tie (zz's category Z is no cluster): the smaller id
     }
     assert assignment.assignment_source == {
         "category": 6,
-        "context_majority_fallback": 2,
+        "context_majority_fallback": 3,
         "largest_cluster_fallback": 1,
     }
     assert assignment.num_clusters == 3 and assignment.method == "category"

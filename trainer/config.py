@@ -1,0 +1,156 @@
+"""Typed, frozen configuration of training and evaluation, and the variant table.
+
+Conventions shared by every trainer module:
+
+* Item ids inside the model are ``item_index + 1`` (``item_index`` from
+  ``items.tsv``); ``PAD_ID = 0`` pads sequences. Embedding tables have
+  ``num_items + 1`` rows.
+* Histories are ``[batch, max_len]`` int32, right-aligned: the most recent
+  item is in the last column, padding on the left.
+* Tasks are cluster ids ``0..K-1``; task ``K`` (``NO_TASK``) means "no prompt",
+  the unconditioned representation used by the intent head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+PAD_ID = 0
+
+CONDITIONINGS = ("none", "concat", "hadamard", "mmoe")
+SAMPLERS = ("global", "in_cluster", "mixed")
+LOSSES = ("bce", "sampled-softmax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What distinguishes one compared method from another.
+
+    Attributes:
+        name: the ``--variant`` name.
+        user_tower: ``sasrec`` or ``mf``.
+        conditioning: how the task prompt enters the user tower (CONDITIONINGS).
+        sampler: where negatives come from (SAMPLERS).
+        merged: evaluated by the per-cluster divide-and-conquer merge (else global top-M).
+    """
+
+    name: str
+    user_tower: str
+    conditioning: str
+    sampler: str
+    merged: bool
+
+
+VARIANTS: Dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("mf", "mf", "none", "global", merged=False),
+        Variant("sasrec", "sasrec", "none", "global", merged=False),
+        Variant("sasrec-mixed", "sasrec", "none", "mixed", merged=False),
+        Variant("dnc-naive", "sasrec", "none", "in_cluster", merged=True),
+        Variant("dnc-concat", "sasrec", "concat", "in_cluster", merged=True),
+        Variant("dnc", "sasrec", "hadamard", "in_cluster", merged=True),
+        Variant("dnc-mmoe", "sasrec", "mmoe", "in_cluster", merged=True),
+    )
+}
+
+
+def get_variant(name: str) -> Variant:
+    """Looks up a variant by its ``--variant`` name."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; expected one of {tuple(VARIANTS)}")
+    return VARIANTS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters (SASRec paper defaults).
+
+    Attributes:
+        embedding_dim: d.
+        max_len: history length n fed to the Transformer.
+        num_blocks: self-attention blocks.
+        num_heads: attention heads.
+        dropout: dropout rate.
+        num_experts: experts of the MMoE variant.
+        share_item_embeddings: the item tower reuses the sequence input
+            embeddings (SASRec's choice; fewer parameters, and every item seen
+            as a history element also trains its candidate vector).
+    """
+
+    embedding_dim: int = 50
+    max_len: int = 200
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    num_experts: int = 4
+    share_item_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("embedding_dim", "max_len", "num_blocks", "num_heads", "num_experts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.embedding_dim % self.num_heads:
+            raise ValueError(
+                f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything ``dnc train`` needs.
+
+    Attributes:
+        data: preprocessing output directory.
+        output: model directory (checkpoints, logs, final weights).
+        variant: ``--variant`` name.
+        model: architecture.
+        loss: ``bce`` (the paper) or ``sampled-softmax``.
+        num_negatives: negatives per positive.
+        mixed_ratio: share of in-cluster negatives for the ``mixed`` sampler.
+        intent_weight: weight of the intent cross-entropy in the loss.
+        epochs: maximum epochs.
+        batch_size: samples per step.
+        learning_rate: Adam learning rate.
+        shuffle_buffer: tf.data shuffle buffer of samples.
+        steps_per_epoch: cap on steps per epoch (None: one pass over the samples).
+        eval_m: list sizes M for validation recall (the first drives early stopping).
+        eval_users: validation users used each epoch (None: all).
+        patience: epochs without validation improvement before stopping.
+        seed: global seed (weights, shuffling, negatives).
+    """
+
+    data: str
+    output: str
+    variant: str = "dnc"
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    loss: str = "bce"
+    num_negatives: int = 1
+    mixed_ratio: float = 0.5
+    intent_weight: float = 0.1
+    epochs: int = 20
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    shuffle_buffer: int = 100_000
+    steps_per_epoch: Optional[int] = None
+    eval_m: Tuple[int, ...] = (20, 50)
+    eval_users: Optional[int] = 2000
+    patience: int = 3
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        get_variant(self.variant)
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
+        for name in ("num_negatives", "epochs", "batch_size", "shuffle_buffer", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.mixed_ratio <= 1.0:
+            raise ValueError(f"mixed_ratio must be in [0, 1], got {self.mixed_ratio}")
+        if self.intent_weight < 0:
+            raise ValueError(f"intent_weight must be >= 0, got {self.intent_weight}")
+        if not self.eval_m or min(self.eval_m) < 1:
+            raise ValueError(f"eval_m must be positive list sizes, got {self.eval_m}")

@@ -1,0 +1,148 @@
+"""NumPy building blocks of the offline evaluation: exact top-k, merging, metrics.
+
+Every function works on a batch of users at once. Item lists hold model item
+ids (``item_index + 1``); ``PAD_ID = 0`` marks an empty slot and its score is
+``-inf``. Ties between equal scores are always broken by the smaller item id, so
+results never depend on how users are batched.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from trainer.config import PAD_ID
+
+
+def top_k_exact(scores: np.ndarray, ids: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The k best candidates of every row, best first.
+
+    Args:
+        scores: ``[B, C]`` float scores; ``-inf`` marks a candidate that must not be
+            returned (excluded or out of scope).
+        ids: ``[C]`` item ids of the columns, strictly increasing.
+        k: list length (>= 1).
+
+    Returns:
+        ``(top_ids [B, k], top_scores [B, k])`` ordered by score descending, then
+        item id ascending. Slots without an available candidate hold ``PAD_ID``
+        and ``-inf``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    rows, cols = scores.shape
+    if ids.shape != (cols,):
+        raise ValueError(f"ids has shape {ids.shape}, expected ({cols},) for scores {scores.shape}")
+    if cols <= k:
+        sel_cols = np.broadcast_to(np.arange(cols), (rows, cols))
+    else:
+        # Exact, tie-consistent selection: everything above the k-th value, then
+        # the lowest-id columns among those equal to it.
+        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
+        above = scores > kth
+        ties = scores == kth
+        need = k - above.sum(axis=1, keepdims=True)
+        chosen = above | (ties & (np.cumsum(ties, axis=1) <= need))
+        sel_cols = np.nonzero(chosen)[1].reshape(rows, k)
+    top_scores = np.take_along_axis(scores, sel_cols, axis=1)
+    top_ids = ids[sel_cols]
+    order = np.lexsort((top_ids, -top_scores), axis=1)
+    top_ids = np.take_along_axis(top_ids, order, axis=1)
+    top_scores = np.take_along_axis(top_scores, order, axis=1)
+    top_ids = np.where(np.isneginf(top_scores), PAD_ID, top_ids)
+    if cols < k:
+        pad = k - cols
+        top_ids = np.pad(top_ids, ((0, 0), (0, pad)), constant_values=PAD_ID)
+        top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return top_ids, top_scores
+
+
+def merge_lists(lists: np.ndarray, quotas: np.ndarray) -> np.ndarray:
+    """Union of the first ``quotas[b, k]`` items of each cluster's list.
+
+    Args:
+        lists: ``[B, K, L]`` per-cluster top lists (``PAD_ID`` for empty slots).
+        quotas: ``[B, K]`` non-negative integers, at most the number of filled
+            slots of the corresponding list.
+
+    Returns:
+        ``[B, K * L]`` merged ids: the kept items in cluster order, padded on the
+        right with ``PAD_ID``.
+    """
+    b, k, length = lists.shape
+    if quotas.shape != (b, k):
+        raise ValueError(f"quotas has shape {quotas.shape}, expected {(b, k)}")
+    keep = np.arange(length)[None, None, :] < quotas[:, :, None]
+    flat = np.where(keep, lists, PAD_ID).reshape(b, k * length)
+    # Stable left-compaction of the kept (non-pad) slots.
+    order = np.argsort(flat == PAD_ID, axis=1, kind="stable")
+    return np.take_along_axis(flat, order, axis=1)
+
+
+def global_from_cluster_lists(ids: np.ndarray, scores: np.ndarray, m: int) -> np.ndarray:
+    """Global top-m from per-cluster top lists scored by one shared embedding.
+
+    The global top-m is contained in the union of every cluster's top-m, so
+    ranking that union again gives the exact global list.
+
+    Args:
+        ids: ``[B, K, L]`` per-cluster ids with ``L >= m``.
+        scores: ``[B, K, L]`` matching scores (``-inf`` for empty slots).
+        m: list length.
+
+    Returns:
+        ``[B, m]`` ids, best first, ``PAD_ID`` where fewer than m are available.
+    """
+    b = ids.shape[0]
+    flat_ids = ids.reshape(b, -1)
+    flat_scores = scores.reshape(b, -1)
+    order = np.lexsort((flat_ids, -flat_scores), axis=1)[:, :m]
+    top_ids = np.take_along_axis(flat_ids, order, axis=1)
+    top_scores = np.take_along_axis(flat_scores, order, axis=1)
+    return np.where(np.isneginf(top_scores), PAD_ID, top_ids)
+
+
+def hits(lists: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``[B]`` bool: whether each user's target id is in its list (``[B, L]``)."""
+    return np.any(lists == targets[:, None], axis=1) & (targets != PAD_ID)
+
+
+def cluster_diversity(
+    lists: np.ndarray, item_cluster: np.ndarray, num_clusters: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Clusters covered and cluster entropy of every list.
+
+    Args:
+        lists: ``[B, L]`` item ids, ``PAD_ID`` slots ignored.
+        item_cluster: ``[N + 1]`` cluster of each model item id.
+        num_clusters: K.
+
+    Returns:
+        ``(covered [B], entropy [B])``: the number of distinct clusters in the
+        list and the entropy (natural log) of its cluster distribution; both 0
+        for an empty list.
+    """
+    b = lists.shape[0]
+    valid = lists != PAD_ID
+    clusters = item_cluster[lists]
+    counts = np.zeros((b, num_clusters), dtype=np.float64)
+    rows = np.broadcast_to(np.arange(b)[:, None], lists.shape)
+    np.add.at(counts, (rows[valid], clusters[valid]), 1.0)
+    covered = (counts > 0).sum(axis=1).astype(np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    probs = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    logs = np.log(probs, out=np.zeros_like(probs), where=probs > 0)
+    entropy = -(probs * logs).sum(axis=1)
+    return covered, entropy
+
+
+def intent_hits(
+    intent: np.ndarray, target_clusters: np.ndarray, top: int
+) -> Optional[np.ndarray]:
+    """``[B]`` bool: whether the target's cluster is among the ``top`` largest p_uk.
+
+    Ties in ``intent`` are broken by the smaller cluster id.
+    """
+    order = np.argsort(-intent, axis=1, kind="stable")[:, :top]
+    return np.any(order == target_clusters[:, None], axis=1)
