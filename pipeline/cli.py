@@ -9,6 +9,7 @@ import logging
 import sys
 from typing import List, Optional, Sequence
 
+from pipeline import cli_trainer
 from preprocessing.config import (
     CLUSTERINGS,
     FILTER_MODES,
@@ -61,6 +62,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--synthetic-categories", type=int, default=defaults.num_categories)
     p.add_argument("--synthetic-mean-length", type=int, default=defaults.mean_length)
     p.add_argument("--seed", type=int, default=defaults.seed, help="synthetic data seed")
+    p.set_defaults(handler=run_preprocess, beam_passthrough=True)
 
 
 def preprocess_config(args: argparse.Namespace, beam_args: Sequence[str]) -> PreprocessConfig:
@@ -102,7 +104,8 @@ def preprocess_config(args: argparse.Namespace, beam_args: Sequence[str]) -> Pre
     )
 
 
-def _run_preprocess(args: argparse.Namespace, extra: List[str]) -> int:
+def run_preprocess(args: argparse.Namespace, extra: List[str]) -> int:
+    """Runs ``dnc preprocess``."""
     from preprocessing.run import format_summary, run_preprocess
 
     try:
@@ -124,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_preprocess(sub)
+    cli_trainer.add_train(sub)
+    cli_trainer.add_evaluate(sub)
     return parser
 
 
@@ -159,10 +164,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _configure_logging(args.log_level)
     from preprocessing.sources import InputError
 
-    if extra and args.command != "preprocess":
+    if extra and not getattr(args, "beam_passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return _run_preprocess(args, extra)
+        return args.handler(args, extra)
     except InputError as e:
         print(f"dnc {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

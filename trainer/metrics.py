@@ -1,4 +1,4 @@
-"""NumPy building blocks of the offline evaluation: exact top-k, merging, metrics.
+"""NumPy building blocks of the offline evaluation: exact top-k, merging, metrics, results.
 
 Every function works on a batch of users at once. Item lists hold model item
 ids (``item_index + 1``); ``PAD_ID = 0`` marks an empty slot and its score is
@@ -8,7 +8,9 @@ results never depend on how users are batched.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+import math
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -43,7 +45,10 @@ def top_k_exact(scores: np.ndarray, ids: np.ndarray, k: int) -> Tuple[np.ndarray
         above = scores > kth
         ties = scores == kth
         need = k - above.sum(axis=1, keepdims=True)
-        chosen = above | (ties & (np.cumsum(ties, axis=1) <= need))
+        if np.array_equal(ties.sum(axis=1, keepdims=True), need):
+            chosen = above | ties  # no tie straddles the boundary (the usual case)
+        else:
+            chosen = above | (ties & (np.cumsum(ties, axis=1, dtype=np.int32) <= need))
         sel_cols = np.nonzero(chosen)[1].reshape(rows, k)
     top_scores = np.take_along_axis(scores, sel_cols, axis=1)
     top_ids = ids[sel_cols]
@@ -137,12 +142,124 @@ def cluster_diversity(
     return covered, entropy
 
 
-def intent_hits(
-    intent: np.ndarray, target_clusters: np.ndarray, top: int
-) -> Optional[np.ndarray]:
+def intent_hits(intent: np.ndarray, target_clusters: np.ndarray, top: int) -> np.ndarray:
     """``[B]`` bool: whether the target's cluster is among the ``top`` largest p_uk.
 
     Ties in ``intent`` are broken by the smaller cluster id.
     """
     order = np.argsort(-intent, axis=1, kind="stable")[:, :top]
     return np.any(order == target_clusters[:, None], axis=1)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationResult:
+    """Metrics of one evaluation run (all means over users).
+
+    Attributes:
+        users: evaluated users.
+        merged: whether ``recall`` comes from the per-cluster merge.
+        alpha: exponent of the quotas used by the merge (``recall`` for merged
+            models, ``merged_recall`` for plain ones).
+        m_values: list sizes M.
+        recall: M -> Recall@M of the returned list.
+        within_cluster_recall: M -> recall when candidates are restricted to the
+            held-out item's cluster (Table 3).
+        clusters_covered: M -> mean number of distinct clusters in the returned list.
+        entropy: M -> mean entropy (nats) of the returned list's cluster distribution.
+        merged_recall: plain models only: M -> recall of the merge applied to the
+            unconditioned embedding (intent quotas, uniform without intent).
+        intent_top1: share of users whose target cluster has the largest p_uk.
+        intent_top3: share of users whose target cluster is among the 3 largest p_uk.
+    """
+
+    users: int
+    merged: bool
+    alpha: Optional[float]
+    m_values: Tuple[int, ...]
+    recall: Dict[int, float]
+    within_cluster_recall: Dict[int, float]
+    clusters_covered: Dict[int, float]
+    entropy: Dict[int, float]
+    merged_recall: Optional[Dict[int, float]] = None
+    intent_top1: Optional[float] = None
+    intent_top3: Optional[float] = None
+
+    def to_json(self) -> Dict[str, object]:
+        """Flat JSON-safe dict (``recall@20``, ..., ``alpha``; an infinite alpha is ``"inf"``)."""
+        out: Dict[str, object] = {}
+        per_m = [
+            ("recall", self.recall),
+            ("within_cluster_recall", self.within_cluster_recall),
+            ("merged_recall", self.merged_recall),
+            ("clusters_covered", self.clusters_covered),
+            ("entropy", self.entropy),
+        ]
+        for name, values in per_m:
+            if values is not None:
+                out.update({f"{name}@{m}": values[m] for m in self.m_values})
+        out["intent_top1"] = self.intent_top1
+        out["intent_top3"] = self.intent_top3
+        alpha = self.alpha
+        out["alpha"] = "inf" if alpha is not None and math.isinf(alpha) else alpha
+        out["merged"] = self.merged
+        out["users"] = self.users
+        return out
+
+    def format_table(self) -> str:
+        """A printable table: one row per metric, one column per M."""
+        head = f"{'metric':<24}" + "".join(f"{'@' + str(m):>10}" for m in self.m_values)
+        lines = [head, "-" * len(head)]
+        rows = [
+            ("recall", self.recall),
+            ("within_cluster_recall", self.within_cluster_recall),
+            ("merged_recall", self.merged_recall),
+            ("clusters_covered", self.clusters_covered),
+            ("entropy", self.entropy),
+        ]
+        for name, values in rows:
+            if values is not None:
+                lines.append(f"{name:<24}" + "".join(f"{values[m]:>10.4f}" for m in self.m_values))
+        lines.append(f"intent top-1 / top-3: {_fmt(self.intent_top1)} / {_fmt(self.intent_top3)}")
+        lines.append(f"alpha: {self.alpha}   merged: {self.merged}   users: {self.users}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaSelection:
+    """Result of ``trainer.evaluation.select_alpha``.
+
+    Attributes:
+        alpha: the grid value with the best validation Recall@M (first on ties).
+        m: the list size M used for selection.
+        recalls: alpha -> validation Recall@M, in grid order.
+        users: validation users.
+    """
+
+    alpha: float
+    m: int
+    recalls: Dict[float, float]
+    users: int
+
+    def to_json(self) -> Dict[str, object]:
+        """Flat JSON-safe dict (infinite alphas written ``"inf"``)."""
+
+        def key(a: float) -> str:
+            return "inf" if math.isinf(a) else f"{a:g}"
+
+        out: Dict[str, object] = {
+            f"recall@{self.m}[alpha={key(a)}]": r for a, r in self.recalls.items()
+        }
+        out.update({"alpha": key(self.alpha), "m": self.m, "users": self.users})
+        return out
+
+    def format_table(self) -> str:
+        """The grid as a printed table, the selected alpha marked with ``*``."""
+        lines = [f"{'alpha':>8}  recall@{self.m}"]
+        for a, r in self.recalls.items():
+            mark = " *" if a == self.alpha else ""
+            lines.append(f"{a:>8g}  {r:.4f}{mark}")
+        return "\n".join(lines)

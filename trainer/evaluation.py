@@ -1,0 +1,479 @@
+"""Exact offline evaluation of divide-and-conquer and plain retrieval models.
+
+Protocol (the paper's): the candidates of a user are all items not in its
+history; Recall@M is the share of users whose held-out item is among the M
+returned items.
+
+* Merged models (``merged=True``) condition the user tower on every cluster k,
+  retrieve a top list inside each cluster, and keep the first
+  ``M_k ~ M * p_uk^alpha / sum_j p_uj^alpha`` items of cluster k
+  (``trainer.quotas.compute_quotas``: integers summing to M, capped by the
+  items available in each cluster, remainder redistributed).
+* Plain models (``merged=False``) rank every candidate with the unconditioned
+  embedding (task ``K``) and return the global top-M.
+
+Scoring is exact (NumPy matmuls, no ANN). Per batch, each cluster's items are
+scored once, against that cluster's user embedding, so the work is
+``B * (N + 1) * d`` whatever K; the top lists are computed once for the largest
+M and reused for every M and every alpha.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, Iterator, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from trainer import metrics
+from trainer.config import PAD_ID
+from trainer.metrics import AlphaSelection, EvaluationResult
+
+DEFAULT_ALPHA = 1.0
+DEFAULT_ALPHA_GRID: Tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, math.inf)
+MEMORY_BUDGET_BYTES = 256 * 2**20
+PROGRESS_MIN_USERS = 5000
+# Working set of one user during scoring: exclusion mask plus the scores and
+# selection temporaries of the largest cluster.
+_BYTES_PER_USER_ITEM = 24
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """What the evaluation needs from a model.
+
+    Attributes:
+        num_tasks: K, the number of clusters; task ``K`` is the unconditioned one.
+    """
+
+    num_tasks: int
+
+    def item_embeddings(self) -> np.ndarray:
+        """``[N + 1, d]`` item tower output; row 0 is the pad item."""
+
+    def user_embeddings(self, history: np.ndarray, task: np.ndarray) -> np.ndarray:
+        """``[B, d]`` user tower output for histories ``[B, L]`` and tasks ``[B]``."""
+
+    def intent(self, history: np.ndarray) -> Optional[np.ndarray]:
+        """``[B, K]`` intent distribution p_uk, or None for models without one."""
+
+
+class MeanPoolScorer:
+    """A tiny NumPy model: mean-pooled history, Hadamard task prompt, centroid intent.
+
+    ``e_uk = mean(e_i for i in history) * t_k`` (``t_K`` is all ones) and
+    ``p_u = softmax(mean_history @ centroids.T)``.
+
+    Args:
+        item_embeddings: ``[N + 1, d]`` (row 0 = pad).
+        task_embeddings: ``[K + 1, d]`` prompts; row K should be ones.
+        centroids: ``[K, d]`` intent centroids, or None for a model without intent.
+    """
+
+    def __init__(
+        self,
+        item_embeddings: np.ndarray,
+        task_embeddings: np.ndarray,
+        centroids: Optional[np.ndarray] = None,
+    ) -> None:
+        item_embeddings = np.asarray(item_embeddings, dtype=np.float32)
+        task_embeddings = np.asarray(task_embeddings, dtype=np.float32)
+        d = item_embeddings.shape[1]
+        if task_embeddings.ndim != 2 or task_embeddings.shape[1] != d:
+            raise ValueError(
+                f"task_embeddings has shape {task_embeddings.shape}, expected [K + 1, {d}]"
+            )
+        if centroids is not None:
+            centroids = np.asarray(centroids, dtype=np.float32)
+            if centroids.shape != (task_embeddings.shape[0] - 1, d):
+                raise ValueError(
+                    f"centroids has shape {centroids.shape}, "
+                    f"expected {(task_embeddings.shape[0] - 1, d)}"
+                )
+        self._items = item_embeddings
+        self._tasks = task_embeddings
+        self._centroids = centroids
+        self.num_tasks = task_embeddings.shape[0] - 1
+
+    @classmethod
+    def random(
+        cls, num_items: int, num_tasks: int, dim: int = 8, seed: int = 0, intent: bool = True
+    ) -> MeanPoolScorer:
+        """Fixed random embeddings (prompts around 1, centroids random)."""
+        rng = np.random.default_rng(seed)
+        items = rng.normal(size=(num_items + 1, dim))
+        items[PAD_ID] = 0.0
+        tasks = np.vstack([1.0 + 0.5 * rng.normal(size=(num_tasks, dim)), np.ones((1, dim))])
+        centroids = rng.normal(size=(num_tasks, dim)) if intent else None
+        return cls(items, tasks, centroids)
+
+    def item_embeddings(self) -> np.ndarray:
+        return self._items
+
+    def _pooled(self, history: np.ndarray) -> np.ndarray:
+        valid = (history != PAD_ID)[:, :, None]
+        total = (self._items[history] * valid).sum(axis=1)
+        return total / np.maximum(valid.sum(axis=1), 1)
+
+    def user_embeddings(self, history: np.ndarray, task: np.ndarray) -> np.ndarray:
+        return self._pooled(history) * self._tasks[task]
+
+    def intent(self, history: np.ndarray) -> Optional[np.ndarray]:
+        if self._centroids is None:
+            return None
+        logits = self._pooled(history) @ self._centroids.T
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    histories: np.ndarray
+    targets: np.ndarray
+    excl_ptr: np.ndarray
+    excl_ids: np.ndarray
+    item_cluster: np.ndarray
+    items: np.ndarray  # [N + 1, d] float32
+    cluster_items: Tuple[np.ndarray, ...]  # model ids of each cluster, ascending
+    num_tasks: int
+    users: Optional[np.ndarray] = None  # [U] user indices, for scorers keyed by user (MF)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+    ids: np.ndarray  # [B, K, L] per-cluster top lists
+    scores: np.ndarray  # [B, K, L]
+    capacity: np.ndarray  # [B, K] candidates available in each cluster
+    intent: Optional[np.ndarray]  # [B, K]
+    targets: np.ndarray  # [B]
+    target_clusters: np.ndarray  # [B]
+
+
+def _exclusions(exclude: object, histories: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(indptr, ids) of every user's excluded items from a list, a CSR matrix or None."""
+    users = histories.shape[0]
+    if exclude is None:
+        rows = [h[h != PAD_ID] for h in histories]
+    elif hasattr(exclude, "indptr") and hasattr(exclude, "indices"):
+        if exclude.shape[0] != users:
+            raise ValueError(f"exclude has {exclude.shape[0]} rows, histories has {users}")
+        return np.asarray(exclude.indptr, np.int64), np.asarray(exclude.indices, np.int64)
+    else:
+        rows = [np.asarray(r, dtype=np.int64).ravel() for r in exclude]
+        if len(rows) != users:
+            raise ValueError(f"exclude has {len(rows)} users, histories has {users}")
+    ptr = np.zeros(users + 1, dtype=np.int64)
+    ptr[1:] = np.cumsum([len(r) for r in rows])
+    ids = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+    return ptr, ids
+
+
+def _prepare(scorer: Scorer, histories, targets, exclude, item_cluster, users=None) -> _Data:
+    histories = np.asarray(histories)
+    if users is not None:
+        users = np.asarray(users, dtype=np.int32)
+        if users.shape != (histories.shape[0],):
+            raise ValueError(f"users has shape {users.shape}, expected ({histories.shape[0]},)")
+    item_cluster = np.asarray(item_cluster)
+    if histories.ndim != 2:
+        raise ValueError(f"histories must be [U, L], got shape {histories.shape}")
+    no_targets = targets is None
+    targets = np.ones(histories.shape[0], np.int64) if no_targets else np.asarray(targets)
+    if targets.shape != (histories.shape[0],):
+        raise ValueError(
+            f"targets has shape {targets.shape}, expected ({histories.shape[0]},) "
+            f"for histories {histories.shape}"
+        )
+    if histories.shape[0] == 0:
+        raise ValueError("no users to evaluate (histories is empty)")
+    k = int(scorer.num_tasks)
+    if k < 1:
+        raise ValueError(f"scorer.num_tasks must be >= 1, got {k}")
+    items = np.asarray(scorer.item_embeddings(), dtype=np.float32)
+    if items.ndim != 2 or items.shape[0] < 2:
+        raise ValueError(f"item_embeddings() must be [N + 1, d], got shape {items.shape}")
+    n1 = items.shape[0]
+    if item_cluster.shape != (n1,):
+        raise ValueError(f"item_cluster has shape {item_cluster.shape}, expected ({n1},)")
+    real = item_cluster[1:]
+    if real.min() < 0 or real.max() >= k:
+        raise ValueError(
+            f"item_cluster must be in [0, {k}) for item ids >= 1, "
+            f"got values in [{real.min()}, {real.max()}]"
+        )
+    if not no_targets and (targets.min() < 1 or targets.max() >= n1):
+        raise ValueError(f"targets must be model item ids in [1, {n1 - 1}]")
+    if histories.min() < 0 or histories.max() >= n1:
+        raise ValueError(f"histories must hold ids in [0, {n1 - 1}]")
+    ptr, ids = _exclusions(exclude, histories)
+    if ids.size and (ids.min() < 0 or ids.max() >= n1):
+        raise ValueError(f"exclude must hold ids in [0, {n1 - 1}]")
+    item_cluster = item_cluster.astype(np.int64)
+    cluster_items = tuple(np.flatnonzero(item_cluster == c) for c in range(k))
+    return _Data(
+        histories.astype(np.int32), targets.astype(np.int64), ptr, ids, item_cluster,
+        items, cluster_items, k, users,
+    )  # fmt: skip
+
+
+def _batches(
+    scorer: Scorer,
+    data: _Data,
+    length: int,
+    conditioned: bool,
+    batch_size: int,
+    progress: Optional[bool],
+    memory_budget: int,
+) -> Iterator[_Batch]:
+    """Per-cluster top-``length`` lists of every user batch (exact, tie-consistent)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    users, k = data.histories.shape[0], data.num_tasks
+    n1 = data.items.shape[0]
+    step = max(1, min(batch_size, memory_budget // (_BYTES_PER_USER_ITEM * n1)))
+    show = users > PROGRESS_MIN_USERS if progress is None else progress
+    cluster_emb = [data.items[c] for c in data.cluster_items]
+    with tqdm(total=users, unit="user", desc="evaluate", disable=not show) as bar:
+        for start in range(0, users, step):
+            stop = min(start + step, users)
+            b = stop - start
+            hist = data.histories[start:stop]
+            lo, hi = data.excl_ptr[start], data.excl_ptr[stop]
+            lens = np.diff(data.excl_ptr[start : stop + 1])
+            mask = np.zeros((b, n1), dtype=bool)
+            mask[np.repeat(np.arange(b), lens), data.excl_ids[lo:hi]] = True
+            mask[:, PAD_ID] = True
+            who = None if data.users is None else data.users[start:stop]
+            if conditioned:
+                tasks = np.tile(np.arange(k, dtype=np.int32), b)
+                extra = {} if who is None else {"users": np.repeat(who, k)}
+                users_emb = scorer.user_embeddings(np.repeat(hist, k, axis=0), tasks, **extra)
+                users_emb = np.asarray(users_emb, dtype=np.float32).reshape(b, k, -1)
+            else:
+                extra = {} if who is None else {"users": who}
+                users_emb = scorer.user_embeddings(hist, np.full(b, k, dtype=np.int32), **extra)
+                users_emb = np.asarray(users_emb, dtype=np.float32)[:, None, :]
+            if users_emb.shape[-1] != data.items.shape[1]:
+                raise ValueError(
+                    f"user_embeddings() has dim {users_emb.shape[-1]}, "
+                    f"item_embeddings() has {data.items.shape[1]}"
+                )
+            ids = np.zeros((b, k, length), dtype=np.int64)
+            scores = np.full((b, k, length), -np.inf, dtype=np.float32)
+            capacity = np.zeros((b, k), dtype=np.int64)
+            for c, (cols, emb) in enumerate(zip(data.cluster_items, cluster_emb, strict=True)):
+                if cols.size == 0:
+                    continue
+                s = users_emb[:, c if conditioned else 0] @ emb.T
+                excluded = mask[:, cols]
+                s[excluded] = -np.inf
+                capacity[:, c] = cols.size - excluded.sum(axis=1)
+                ids[:, c], scores[:, c] = metrics.top_k_exact(s, cols, length)
+            intent = scorer.intent(hist)
+            if intent is not None:
+                intent = np.asarray(intent, dtype=np.float64)
+                if intent.shape != (b, k):
+                    raise ValueError(f"intent() has shape {intent.shape}, expected {(b, k)}")
+            targets = data.targets[start:stop]
+            yield _Batch(ids, scores, capacity, intent, targets, data.item_cluster[targets])
+            bar.update(b)
+
+
+def _merge(batch: _Batch, m: int, alpha: float) -> np.ndarray:
+    """Quota merge of a batch's per-cluster lists for list size m (uniform p without intent)."""
+    from trainer.quotas import compute_quotas
+
+    p = batch.intent if batch.intent is not None else np.ones(batch.capacity.shape)
+    quotas = np.asarray(compute_quotas(p, m, alpha, batch.capacity), dtype=np.int64)
+    return metrics.merge_lists(batch.ids[:, :, :m], quotas)
+
+
+def _check_m(m_values: Sequence[int]) -> Tuple[int, ...]:
+    ms = tuple(int(m) for m in m_values)
+    if not ms or min(ms) < 1:
+        raise ValueError(f"list sizes M must be >= 1, got {tuple(m_values)}")
+    return ms
+
+
+def _check_alpha(alpha: float) -> float:
+    alpha = float(alpha)
+    if math.isnan(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be >= 0 (or inf), got {alpha}")
+    return alpha
+
+
+def evaluate(
+    scorer: Scorer,
+    histories: np.ndarray,
+    targets: np.ndarray,
+    exclude: object,
+    item_cluster: np.ndarray,
+    m_values: Sequence[int] = (20, 50),
+    alpha: Optional[float] = None,
+    merged: bool = True,
+    batch_size: int = 256,
+    progress: Optional[bool] = None,
+    memory_budget: int = MEMORY_BUDGET_BYTES,
+    users: Optional[np.ndarray] = None,
+) -> EvaluationResult:
+    """Exact Recall@M, within-cluster recall, intent accuracy and diversity.
+
+    Args:
+        scorer: the model (see :class:`Scorer`).
+        histories: ``[U, L]`` right-aligned model item ids, left padding.
+        targets: ``[U]`` held-out model item ids.
+        exclude: each user's history items (everything before the target, may be
+            longer than L): a list of int arrays, a CSR matrix ``[U, N + 1]``, or
+            None to use the non-pad items of ``histories``. A target that is also
+            in ``exclude`` can never be returned (counts as a miss).
+        item_cluster: ``[N + 1]`` cluster of each model item id (-1 for pad).
+        m_values: list sizes M.
+        alpha: quota exponent; None means ``DEFAULT_ALPHA`` (1). Ignored (0) when
+            the scorer has no intent. Pick it on validation with :func:`select_alpha`.
+        merged: divide-and-conquer merge (True) or global top-M of the
+            unconditioned embedding (False).
+        batch_size: users per batch (lowered to fit ``memory_budget``).
+        progress: tqdm bar over users; None shows it above 5000 users.
+        memory_budget: approximate bytes of scoring working set per batch.
+        users: ``[U]`` user indices, passed to ``scorer.user_embeddings(..., users=)``
+            for scorers keyed by user (the MF baseline); None for sequence models.
+
+    Returns:
+        The :class:`EvaluationResult`.
+    """
+    ms = _check_m(m_values)
+    alpha = _check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
+    data = _prepare(scorer, histories, targets, exclude, item_cluster, users)
+    k = data.num_tasks
+    # Per-user values, averaged at the end: results do not depend on the batching.
+    parts: Dict[str, list] = {}
+
+    def add(key: str, values: np.ndarray) -> None:
+        parts.setdefault(key, []).append(np.asarray(values, dtype=np.float64))
+
+    has_intent = False
+    for batch in _batches(scorer, data, max(ms), merged, batch_size, progress, memory_budget):
+        has_intent = batch.intent is not None
+        used_alpha = alpha if has_intent else 0.0
+        if has_intent:
+            add("intent_top1", metrics.intent_hits(batch.intent, batch.target_clusters, 1))
+            add("intent_top3", metrics.intent_hits(batch.intent, batch.target_clusters, 3))
+        rows = np.arange(batch.targets.shape[0])
+        for m in ms:
+            if merged:
+                lists = _merge(batch, m, used_alpha)
+            else:
+                lists = metrics.global_from_cluster_lists(
+                    batch.ids[:, :, :m], batch.scores[:, :, :m], m
+                )
+                add(f"merged_recall@{m}", metrics.hits(_merge(batch, m, used_alpha), batch.targets))
+            add(f"recall@{m}", metrics.hits(lists, batch.targets))
+            own = batch.ids[rows, batch.target_clusters, :m]
+            add(f"within_cluster_recall@{m}", metrics.hits(own, batch.targets))
+            covered, entropy = metrics.cluster_diversity(lists, data.item_cluster, k)
+            add(f"clusters_covered@{m}", covered)
+            add(f"entropy@{m}", entropy)
+
+    users = data.histories.shape[0]
+    means = {key: float(np.mean(np.concatenate(values))) for key, values in parts.items()}
+
+    def per_m(name: str) -> Dict[int, float]:
+        return {m: means[f"{name}@{m}"] for m in ms}
+
+    return EvaluationResult(
+        users=users,
+        merged=merged,
+        alpha=alpha if has_intent else 0.0,
+        m_values=ms,
+        recall=per_m("recall"),
+        within_cluster_recall=per_m("within_cluster_recall"),
+        clusters_covered=per_m("clusters_covered"),
+        entropy=per_m("entropy"),
+        merged_recall=None if merged else per_m("merged_recall"),
+        intent_top1=means["intent_top1"] if has_intent else None,
+        intent_top3=means["intent_top3"] if has_intent else None,
+    )
+
+
+def select_alpha(
+    scorer: Scorer,
+    histories: np.ndarray,
+    targets: np.ndarray,
+    exclude: object,
+    item_cluster: np.ndarray,
+    grid: Sequence[float] = DEFAULT_ALPHA_GRID,
+    m: int = 50,
+    merged: bool = True,
+    batch_size: int = 256,
+    progress: Optional[bool] = None,
+    memory_budget: int = MEMORY_BUDGET_BYTES,
+    users: Optional[np.ndarray] = None,
+) -> AlphaSelection:
+    """Picks the quota exponent with the best validation Recall@m.
+
+    The per-cluster top lists are computed once per batch; only the (cheap)
+    quota merge is repeated for every alpha of the grid.
+
+    Args:
+        scorer: the model; it must have an intent head.
+        histories, targets, exclude, item_cluster: validation data, as in :func:`evaluate`.
+        grid: candidate alphas (>= 0, ``math.inf`` allowed).
+        m: list size of the selection metric.
+        merged: per-cluster lists from the conditioned tower (True) or from the
+            unconditioned embedding (False, the merge column of plain models).
+        batch_size, progress, memory_budget: as in :func:`evaluate`.
+
+    Returns:
+        The :class:`AlphaSelection` (best alpha first in grid order on ties).
+    """
+    (m,) = _check_m((m,))
+    alphas = tuple(_check_alpha(a) for a in grid)
+    if not alphas:
+        raise ValueError("grid must hold at least one alpha")
+    data = _prepare(scorer, histories, targets, exclude, item_cluster, users)
+    found = {a: 0.0 for a in alphas}
+    for batch in _batches(scorer, data, m, merged, batch_size, progress, memory_budget):
+        if batch.intent is None:
+            raise ValueError("select_alpha needs a scorer with intent (intent() returned None)")
+        for a in alphas:
+            found[a] += float(np.sum(metrics.hits(_merge(batch, m, a), batch.targets)))
+    users = data.histories.shape[0]
+    recalls = {a: found[a] / users for a in alphas}
+    best = max(alphas, key=lambda a: (recalls[a], -alphas.index(a)))
+    return AlphaSelection(alpha=best, m=m, recalls=recalls, users=users)
+
+
+def retrieve(
+    scorer: Scorer,
+    histories: np.ndarray,
+    exclude: object,
+    item_cluster: np.ndarray,
+    m: int,
+    alpha: Optional[float] = None,
+    merged: bool = True,
+    batch_size: int = 256,
+    progress: Optional[bool] = None,
+    memory_budget: int = MEMORY_BUDGET_BYTES,
+    users: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """The M items :func:`evaluate` returns to every user (for inspection and tests).
+
+    Returns:
+        ``[U, m]`` model item ids, ``PAD_ID`` where fewer than m candidates
+        exist. Plain lists are ordered best first; merged lists are in cluster
+        order (each cluster's share best first).
+    """
+    (m,) = _check_m((m,))
+    alpha = _check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
+    data = _prepare(scorer, histories, None, exclude, item_cluster, users)
+    out = []
+    for batch in _batches(scorer, data, m, merged, batch_size, progress, memory_budget):
+        if merged:
+            lists = _merge(batch, m, alpha if batch.intent is not None else 0.0)
+        else:
+            lists = metrics.global_from_cluster_lists(batch.ids, batch.scores, m)
+        out.append(lists[:, :m])
+    return np.concatenate(out)

@@ -1,0 +1,295 @@
+"""``dnc train``: the Keras training loop around ``RetrievalModel``.
+
+Keras progress bars, TensorBoard logs (``MODEL_DIR/logs``), a backup every epoch
+(``MODEL_DIR/backup``: an interrupted run started again resumes from the last
+finished epoch), early stopping on validation Recall@M with the best weights
+restored, seeded runs, and any ``tf.distribute`` strategy. The final model
+(weights + ``model.json``) appears atomically in ``MODEL_DIR/model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from preprocessing import features
+from trainer import data, evaluation
+from trainer.config import ModelConfig, TrainConfig, get_variant
+from trainer.model import RetrievalModel
+from trainer.samplers import ClusterTable, NegativeSampler
+
+log = logging.getLogger(__name__)
+
+MODEL_SUBDIR = "model"
+WEIGHTS = "weights"
+MODEL_JSON = "model.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What ``train`` produced.
+
+    Attributes:
+        model_dir: directory of the final model (``MODEL_DIR/model``).
+        history: per-epoch logs (loss, validation recalls, samples/s).
+        samples_per_epoch: training samples in one pass over the data.
+    """
+
+    model_dir: str
+    history: List[Dict[str, float]]
+    samples_per_epoch: int
+
+
+class ModelScorer:
+    """Adapts ``RetrievalModel`` to ``trainer.evaluation.Scorer`` (exact scoring).
+
+    The ``mf`` variant scores by user index, so evaluation passes ``users``.
+
+    Args:
+        model: the trained model.
+    """
+
+    def __init__(self, model: RetrievalModel):
+        self.model = model
+        self.num_tasks = model.num_clusters
+        self._user = tf.function(
+            lambda h, t, u: model.user_embedding(h, t, u, training=False), reduce_retracing=True
+        )
+        self._intent = tf.function(lambda h: model.intent(h, training=False), reduce_retracing=True)
+
+    def item_embeddings(self) -> np.ndarray:
+        ids = tf.range(self.model.num_items + 1)
+        return self.model.candidate_embeddings(ids).numpy()
+
+    def user_embeddings(
+        self, history: np.ndarray, task: np.ndarray, users: Optional[np.ndarray] = None
+    ) -> np.ndarray:
+        if users is None:
+            users = np.zeros(len(history), np.int32)
+        return self._user(
+            tf.constant(history, tf.int32),
+            tf.constant(task, tf.int32),
+            tf.constant(users, tf.int32),
+        ).numpy()
+
+    def intent(self, history: np.ndarray) -> Optional[np.ndarray]:
+        return self._intent(tf.constant(history, tf.int32)).numpy()
+
+
+class ValidationRecall(tf.keras.callbacks.Callback):
+    """Adds validation Recall@M (the serving merge path) and samples/s to the epoch logs.
+
+    Args:
+        eval_data: validation users.
+        item_cluster: cluster of each model item id.
+        m_values: list sizes.
+        merged: evaluate through the per-cluster merge.
+        samples_per_step: batch size (for throughput).
+    """
+
+    def __init__(
+        self,
+        eval_data: data.EvaluationData,
+        item_cluster: np.ndarray,
+        m_values: Tuple[int, ...],
+        merged: bool,
+        samples_per_step: int,
+    ):
+        super().__init__()
+        self.eval_data = eval_data
+        self.item_cluster = item_cluster
+        self.m_values = m_values
+        self.merged = merged
+        self.samples_per_step = samples_per_step
+        self._start = 0.0
+        self._steps = 0
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self._start = time.perf_counter()
+        self._steps = 0
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        self._steps += 1
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        elapsed = time.perf_counter() - self._start
+        logs = logs if logs is not None else {}
+        logs["samples_per_second"] = self._steps * self.samples_per_step / max(elapsed, 1e-9)
+        result = evaluation.evaluate(
+            ModelScorer(self.model),
+            self.eval_data.histories,
+            self.eval_data.targets,
+            self.eval_data.exclude,
+            self.item_cluster,
+            m_values=self.m_values,
+            merged=self.merged,
+            progress=False,
+            users=self.eval_data.users,
+        )
+        for m in self.m_values:
+            logs[f"val_recall@{m}"] = result.recall[m]
+            logs[f"val_within_cluster_recall@{m}"] = result.within_cluster_recall[m]
+        if result.intent_top1 is not None:
+            logs["val_intent_top1"] = result.intent_top1
+
+
+def build_model(
+    config: TrainConfig, items: data.ItemsTable, intent_encoder: str = "pooled"
+) -> RetrievalModel:
+    """The model of ``config``'s variant, sized for ``items``."""
+    return RetrievalModel(
+        get_variant(config.variant),
+        config.model,
+        num_items=items.num_items,
+        num_clusters=items.num_clusters,
+        num_users=items.num_users,
+        loss=config.loss,
+        intent_weight=config.intent_weight,
+        intent_encoder=intent_encoder,
+    )
+
+
+def _sampler(config: TrainConfig, items: data.ItemsTable) -> NegativeSampler:
+    table = ClusterTable(items.item_cluster[1:], items.num_clusters)
+    return NegativeSampler(
+        table, mode=get_variant(config.variant).sampler, ratio=config.mixed_ratio, seed=config.seed
+    )
+
+
+def _callbacks(config: TrainConfig, items: data.ItemsTable) -> List[tf.keras.callbacks.Callback]:
+    validation = data.evaluation_data(
+        config.data,
+        features.VALIDATION,
+        config.model.max_len,
+        max_users=config.eval_users,
+        seed=config.seed,
+    )
+    monitor = f"val_recall@{config.eval_m[0]}"
+    return [
+        ValidationRecall(
+            validation,
+            items.item_cluster,
+            config.eval_m,
+            get_variant(config.variant).merged,
+            config.batch_size,
+        ),
+        tf.keras.callbacks.BackupAndRestore(os.path.join(config.output, "backup")),
+        tf.keras.callbacks.EarlyStopping(
+            monitor=monitor, mode="max", patience=config.patience, restore_best_weights=True
+        ),
+        tf.keras.callbacks.TensorBoard(os.path.join(config.output, "logs"), write_graph=False),
+    ]
+
+
+def train(
+    config: TrainConfig,
+    strategy: Optional[tf.distribute.Strategy] = None,
+    verbose: Any = "auto",
+    extra_callbacks: Optional[List[tf.keras.callbacks.Callback]] = None,
+) -> TrainResult:
+    """Trains ``config.variant`` on ``config.data`` and saves it under ``config.output``."""
+    tf.keras.utils.set_random_seed(config.seed)
+    items = data.load_items(config.data)
+    samples = data.count_training_samples(config.data)
+    if samples < config.batch_size:
+        raise ValueError(
+            f"{config.data} has {samples} training samples, fewer than one batch "
+            f"({config.batch_size}); lower --batch-size"
+        )
+    steps = config.steps_per_epoch or math.ceil(samples / config.batch_size)
+    strategy = strategy or tf.distribute.get_strategy()
+    dataset = data.training_dataset(
+        config.data,
+        config.model.max_len,
+        config.batch_size,
+        sampler=_sampler(config, items),
+        num_negatives=config.num_negatives,
+        shuffle_buffer=config.shuffle_buffer,
+        seed=config.seed,
+    )
+    with strategy.scope():
+        model = build_model(config, items)
+        model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
+    log.info(
+        "training %s: %d samples/epoch, %d steps of %d, strategy %s",
+        config.variant,
+        samples,
+        steps,
+        config.batch_size,
+        type(strategy).__name__,
+    )
+    callbacks = _callbacks(config, items) + list(extra_callbacks or [])
+    fit = model.fit(
+        dataset, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=verbose
+    )
+    history = [
+        {key: float(values[i]) for key, values in fit.history.items()}
+        for i in range(len(fit.history.get("loss", [])))
+    ]
+    model_dir = save_model(model, config, history)
+    return TrainResult(model_dir=model_dir, history=history, samples_per_epoch=samples)
+
+
+def save_model(model: RetrievalModel, config: TrainConfig, history: List[Dict[str, float]]) -> str:
+    """Writes weights + ``model.json`` to ``config.output/model`` atomically."""
+    final = os.path.join(config.output, MODEL_SUBDIR)
+    staging = os.path.join(config.output, f".{MODEL_SUBDIR}.tmp-{uuid.uuid4().hex[:8]}")
+    os.makedirs(staging)
+    try:
+        model.save_weights(os.path.join(staging, WEIGHTS))
+        with open(os.path.join(staging, MODEL_JSON), "w", encoding="utf-8") as f:
+            json.dump(
+                {"config": dataclasses.asdict(config), "history": history}, f, indent=2, default=str
+            )
+        old = None
+        if os.path.exists(final):
+            old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+        os.rename(staging, final)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def config_from_json(raw: Dict[str, Any]) -> TrainConfig:
+    """Rebuilds a TrainConfig from ``dataclasses.asdict`` output."""
+    raw = dict(raw)
+    raw["model"] = ModelConfig(**raw["model"])
+    raw["eval_m"] = tuple(raw["eval_m"])
+    return TrainConfig(**raw)
+
+
+def load_model(
+    model_dir: str, data_dir: Optional[str] = None
+) -> Tuple[RetrievalModel, TrainConfig]:
+    """Rebuilds a trained model from ``MODEL_DIR`` (or ``MODEL_DIR/model``).
+
+    Args:
+        model_dir: the ``--output`` of ``dnc train`` or its ``model`` subdirectory.
+        data_dir: preprocessing output to size the model from (default: the one
+            it was trained on).
+    """
+    if os.path.isdir(os.path.join(model_dir, MODEL_SUBDIR)):
+        model_dir = os.path.join(model_dir, MODEL_SUBDIR)
+    path = os.path.join(model_dir, MODEL_JSON)
+    if not os.path.exists(path):
+        raise ValueError(f"{model_dir} holds no trained model ({MODEL_JSON} missing)")
+    with open(path, encoding="utf-8") as f:
+        config = config_from_json(json.load(f)["config"])
+    items = data.load_items(data_dir or config.data)
+    model = build_model(config, items)
+    model.load_weights(os.path.join(model_dir, WEIGHTS)).expect_partial()
+    return model, config
