@@ -10,7 +10,7 @@ import math
 import sys
 from typing import List, Optional
 
-from trainer.config import LOSSES, VARIANTS, ModelConfig, TrainConfig
+from trainer.config import INTENT_ENCODERS, LOSSES, VARIANTS, ModelConfig, TrainConfig
 
 log = logging.getLogger("dnc")
 
@@ -46,6 +46,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-negatives", type=int, default=t.num_negatives)
     p.add_argument("--mixed-ratio", type=float, default=t.mixed_ratio)
     p.add_argument("--intent-weight", type=float, default=t.intent_weight)
+    p.add_argument("--intent-encoder", default=t.intent_encoder, choices=INTENT_ENCODERS)
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--eval-m", type=_int_list, default=t.eval_m)
     p.add_argument("--eval-users", type=int, default=t.eval_users)
@@ -97,6 +98,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         num_negatives=args.num_negatives,
         mixed_ratio=args.mixed_ratio,
         intent_weight=args.intent_weight,
+        intent_encoder=args.intent_encoder,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,

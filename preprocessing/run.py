@@ -13,13 +13,12 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from typing import Any, Dict, List
 
 import apache_beam as beam
 import tensorflow_transform as tft
 
-from preprocessing import beam_pipeline, features
+from preprocessing import beam_pipeline, features, fileio
 from preprocessing.config import PreprocessConfig
 from preprocessing.sources import check_input
 
@@ -49,14 +48,14 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
     output = os.path.abspath(config.output)
     parent = os.path.dirname(output)
     os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(output)}.staging-{uuid.uuid4().hex[:8]}")
+    staging = fileio.staging_path(output)
     start = time.monotonic()
     log.info("preprocessing %s -> %s (staging %s)", config.source.name, output, staging)
     try:
         with beam.Pipeline(options=beam_pipeline.pipeline_options(config)) as p:
             beam_pipeline.build_pipeline(p, config, staging)
         stats = _finalize(staging, config, time.monotonic() - start)
-        _publish(staging, output)
+        fileio.publish_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -104,17 +103,6 @@ def write_items_table(output_dir: str) -> List[List[str]]:
         for row in rows:
             f.write("\t".join(row) + "\n")
     return rows
-
-
-def _publish(staging: str, output: str) -> None:
-    """Renames ``staging`` to ``output``, replacing an earlier output."""
-    old = None
-    if os.path.exists(output):
-        old = f"{output}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(output, old)
-    os.rename(staging, output)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def format_summary(result: PreprocessResult) -> str:

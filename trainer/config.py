@@ -21,6 +21,7 @@ PAD_ID = 0
 CONDITIONINGS = ("none", "concat", "hadamard", "mmoe")
 SAMPLERS = ("global", "in_cluster", "mixed")
 LOSSES = ("bce", "sampled-softmax")
+INTENT_ENCODERS = ("pooled", "tower")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,9 @@ class TrainConfig:
         num_negatives: negatives per positive.
         mixed_ratio: share of in-cluster negatives for the ``mixed`` sampler.
         intent_weight: weight of the intent cross-entropy in the loss.
+        intent_encoder: what the intent head reads: ``pooled`` (a position-weighted
+            pooling of the history embeddings; adds little to a training step) or
+            ``tower`` (the Transformer with the identity prompt; a second pass).
         epochs: maximum epochs.
         batch_size: samples per step.
         learning_rate: Adam learning rate.
@@ -131,6 +135,7 @@ class TrainConfig:
     num_negatives: int = 1
     mixed_ratio: float = 0.5
     intent_weight: float = 0.1
+    intent_encoder: str = "pooled"
     epochs: int = 20
     batch_size: int = 128
     learning_rate: float = 1e-3
@@ -150,6 +155,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.mixed_ratio <= 1.0:
             raise ValueError(f"mixed_ratio must be in [0, 1], got {self.mixed_ratio}")
+        if self.intent_encoder not in INTENT_ENCODERS:
+            raise ValueError(
+                f"unknown intent_encoder {self.intent_encoder!r}; expected one of {INTENT_ENCODERS}"
+            )
         if self.intent_weight < 0:
             raise ValueError(f"intent_weight must be >= 0, got {self.intent_weight}")
         if not self.eval_m or min(self.eval_m) < 1:

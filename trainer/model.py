@@ -13,10 +13,8 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from trainer import data, losses, towers
-from trainer.config import ModelConfig, Variant
+from trainer.config import INTENT_ENCODERS, ModelConfig, Variant
 from trainer.intent import PooledHistoryEncoder
-
-INTENT_ENCODERS = ("pooled", "tower")
 
 
 class RetrievalModel(tfrs.Model):

@@ -16,13 +16,12 @@ import math
 import os
 import shutil
 import time
-import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
-from preprocessing import features
+from preprocessing import features, fileio
 from trainer import data, evaluation
 from trainer.config import ModelConfig, TrainConfig, get_variant
 from trainer.model import RetrievalModel
@@ -143,9 +142,7 @@ class ValidationRecall(tf.keras.callbacks.Callback):
             logs["val_intent_top1"] = result.intent_top1
 
 
-def build_model(
-    config: TrainConfig, items: data.ItemsTable, intent_encoder: str = "pooled"
-) -> RetrievalModel:
+def build_model(config: TrainConfig, items: data.ItemsTable) -> RetrievalModel:
     """The model of ``config``'s variant, sized for ``items``."""
     return RetrievalModel(
         get_variant(config.variant),
@@ -155,14 +152,24 @@ def build_model(
         num_users=items.num_users,
         loss=config.loss,
         intent_weight=config.intent_weight,
-        intent_encoder=intent_encoder,
+        intent_encoder=config.intent_encoder,
     )
 
 
-def _sampler(config: TrainConfig, items: data.ItemsTable) -> NegativeSampler:
+def make_dataset(config: TrainConfig, items: data.ItemsTable) -> tf.data.Dataset:
+    """The endless training batches of ``config``, with the variant's negatives."""
     table = ClusterTable(items.item_cluster[1:], items.num_clusters)
-    return NegativeSampler(
+    sampler = NegativeSampler(
         table, mode=get_variant(config.variant).sampler, ratio=config.mixed_ratio, seed=config.seed
+    )
+    return data.training_dataset(
+        config.data,
+        config.model.max_len,
+        config.batch_size,
+        sampler=sampler,
+        num_negatives=config.num_negatives,
+        shuffle_buffer=config.shuffle_buffer,
+        seed=config.seed,
     )
 
 
@@ -208,15 +215,7 @@ def train(
         )
     steps = config.steps_per_epoch or math.ceil(samples / config.batch_size)
     strategy = strategy or tf.distribute.get_strategy()
-    dataset = data.training_dataset(
-        config.data,
-        config.model.max_len,
-        config.batch_size,
-        sampler=_sampler(config, items),
-        num_negatives=config.num_negatives,
-        shuffle_buffer=config.shuffle_buffer,
-        seed=config.seed,
-    )
+    dataset = make_dataset(config, items)
     with strategy.scope():
         model = build_model(config, items)
         model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
@@ -243,7 +242,7 @@ def train(
 def save_model(model: RetrievalModel, config: TrainConfig, history: List[Dict[str, float]]) -> str:
     """Writes weights + ``model.json`` to ``config.output/model`` atomically."""
     final = os.path.join(config.output, MODEL_SUBDIR)
-    staging = os.path.join(config.output, f".{MODEL_SUBDIR}.tmp-{uuid.uuid4().hex[:8]}")
+    staging = fileio.staging_path(final)
     os.makedirs(staging)
     try:
         model.save_weights(os.path.join(staging, WEIGHTS))
@@ -251,13 +250,7 @@ def save_model(model: RetrievalModel, config: TrainConfig, history: List[Dict[st
             json.dump(
                 {"config": dataclasses.asdict(config), "history": history}, f, indent=2, default=str
             )
-        old = None
-        if os.path.exists(final):
-            old = f"{final}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(final, old)
-        os.rename(staging, final)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        fileio.publish_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -128,3 +128,27 @@ def test_cli_train_then_evaluate_writes_the_contract_json(tiny_data, tmp_path):
     assert report["recall@5"] <= report["recall@10"]
     grid = report["alpha_selection"]
     assert grid["m"] == 10 and any(k.startswith("recall@10[alpha=") for k in grid)
+
+
+def test_training_samples_cover_every_prefix_once_per_epoch(tiny_data):
+    total = data.count_training_samples(tiny_data)
+    dataset = data.training_dataset(tiny_data, 10, batch_size=1, repeat=False, shuffle_buffer=10)
+    targets = [int(b[data.TARGET][0]) for b in dataset]
+    assert len(targets) == total
+    # Every training sequence of n items gives n - 1 targets: its items after the first.
+    expected = []
+    for record in data.read_split(tiny_data, "train").as_numpy_iterator():
+        expected.extend(record["items"][1:].tolist())
+    assert sorted(targets) == sorted(expected)
+
+
+def test_evaluation_data_holds_out_the_last_item(tiny_data):
+    ev = data.evaluation_data(tiny_data, "test", 10)
+    validation = data.evaluation_data(tiny_data, "validation", 10)
+    assert len(ev.users) == len(validation.users) == 300
+    for i in range(5):
+        # The validation target is the last element of the test history.
+        assert ev.exclude[i][-1] == validation.targets[i]
+        assert ev.histories[i][-1] == validation.targets[i]
+    with pytest.raises(ValueError, match="not train"):
+        data.evaluation_data(tiny_data, "train", 10)

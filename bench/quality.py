@@ -1,0 +1,223 @@
+"""Benchmark: every variant trained and evaluated by the same code (paper Tables 2-4).
+
+For each variant: ``trainer.train.train`` with the same budget, then
+``trainer.evaluate_model.evaluate_model`` on the test split (alpha chosen on
+validation). Also measures training throughput of ``sasrec``, ``dnc`` and
+``dnc-mmoe`` in one run, interleaved rounds, median samples/second. Writes
+``OUT.json`` and ``OUT.md`` (a Markdown table shaped like the paper's).
+
+    .venv/bin/python bench/quality.py --data runs/demo --m 50,100 \
+        --out bench/results/quality-synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from typing import Any, Dict, List
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+sys.path.insert(0, ROOT)
+
+import dnc_env  # noqa: E402,F401
+
+ALL_VARIANTS = ("mf", "sasrec", "sasrec-mixed", "dnc-naive", "dnc-concat", "dnc", "dnc-mmoe")
+THROUGHPUT_VARIANTS = ("sasrec", "dnc", "dnc-mmoe")
+
+
+def _config(args, variant: str, output: str, **overrides):
+    from trainer.config import ModelConfig, TrainConfig
+
+    model = ModelConfig(
+        embedding_dim=args.dim, max_len=args.max_len, num_blocks=args.blocks, dropout=args.dropout
+    )
+    values = dict(
+        data=args.data,
+        output=output,
+        variant=variant,
+        model=model,
+        loss=args.loss,
+        num_negatives=args.num_negatives,
+        mixed_ratio=args.mixed_ratio,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        steps_per_epoch=args.steps_per_epoch,
+        eval_m=(max(args.m),),
+        eval_users=args.eval_users,
+        patience=args.patience,
+        seed=args.seed,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def run_variant(args, variant: str, work: str) -> Dict[str, Any]:
+    """Trains and evaluates one variant."""
+    from trainer.evaluate_model import evaluate_model
+    from trainer.train import train
+
+    output = os.path.join(work, variant)
+    start = time.monotonic()
+    result = train(_config(args, variant, output), verbose=2)
+    train_seconds = time.monotonic() - start
+    report = evaluate_model(output, args.data, m_values=args.m, progress=False)
+    report.pop("table")
+    rates = [epoch["samples_per_second"] for epoch in result.history]
+    return {
+        **report,
+        "epochs_run": len(result.history),
+        "train_seconds": round(train_seconds, 1),
+        "train_samples_per_second": round(statistics.median(rates), 1),
+        "samples_per_epoch": result.samples_per_epoch,
+        "history": result.history,
+    }
+
+
+def measure_throughput(args, variants, steps: int, rounds: int) -> Dict[str, Any]:
+    """Samples/second of ``variants`` measured in interleaved rounds of ``steps`` steps."""
+    import tensorflow as tf
+
+    from trainer import data
+    from trainer.train import build_model, make_dataset
+
+    items = data.load_items(args.data)
+    models, iterators = {}, {}
+    for variant in variants:
+        config = _config(args, variant, "")
+        tf.keras.utils.set_random_seed(config.seed)
+        dataset = make_dataset(config, items)
+        model = build_model(config, items)
+        model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
+        step = model.make_train_function()
+        iterators[variant] = iter(dataset)
+        for _ in range(3):  # trace + warm up
+            step(iterators[variant])
+        models[variant] = step
+    timings: Dict[str, List[float]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for variant in variants:
+            step, it = models[variant], iterators[variant]
+            start = time.perf_counter()
+            for _ in range(steps):
+                logs = step(it)
+            float(logs["loss"])  # wait for the last step
+            timings[variant].append(steps * args.batch_size / (time.perf_counter() - start))
+    rates = {v: round(statistics.median(t), 1) for v, t in timings.items()}
+    return {
+        "samples_per_second": rates,
+        "rounds": {v: [round(x, 1) for x in t] for v, t in timings.items()},
+        "steps_per_round": steps,
+        "batch_size": args.batch_size,
+        "ratio_dnc_over_sasrec": round(rates["dnc"] / rates["sasrec"], 3),
+        "ratio_mmoe_over_sasrec": round(rates["dnc-mmoe"] / rates["sasrec"], 3),
+    }
+
+
+def markdown(results: Dict[str, Dict[str, Any]], m_values, throughput, title: str) -> str:
+    """The paper-shaped table."""
+    head = ["variant", "loss"]
+    head += [f"R@{m}" for m in m_values]
+    head += [f"within-cluster R@{m}" for m in m_values]
+    head += [f"merge R@{m} (plain)" for m in m_values]
+    head += ["intent top-1", "alpha", "epochs", "train samples/s"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for variant, r in results.items():
+        row = [variant, r["loss"]]
+        row += [f"{r[f'recall@{m}']:.4f}" for m in m_values]
+        row += [f"{r[f'within_cluster_recall@{m}']:.4f}" for m in m_values]
+        row += [
+            f"{r[f'merged_recall@{m}']:.4f}" if f"merged_recall@{m}" in r else "-" for m in m_values
+        ]
+        top1 = r.get("intent_top1")
+        row += [
+            "-" if top1 is None else f"{top1:.3f}",
+            str(r["alpha"]),
+            str(r["epochs_run"]),
+            f"{r['train_samples_per_second']:,.0f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    if throughput:
+        rates = throughput["samples_per_second"]
+        lines += [
+            "",
+            "Training throughput, one run, interleaved rounds (median samples/s): "
+            + ", ".join(f"{v} {rates[v]:,.0f}" for v in rates)
+            + f"; dnc/sasrec = {throughput['ratio_dnc_over_sasrec']:.3f}, "
+            f"dnc-mmoe/sasrec = {throughput['ratio_mmoe_over_sasrec']:.3f}.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="dnc preprocess --output")
+    parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
+    parser.add_argument("--m", default="20,50")
+    parser.add_argument("--out", required=True, help="output path without extension")
+    parser.add_argument("--title", default=None)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--steps-per-epoch", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--dim", type=int, default=50)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--loss", default="bce")
+    parser.add_argument("--num-negatives", type=int, default=1)
+    parser.add_argument("--mixed-ratio", type=float, default=0.5)
+    parser.add_argument("--eval-users", type=int, default=2000)
+    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--throughput-steps", type=int, default=30)
+    parser.add_argument("--throughput-rounds", type=int, default=3)
+    args = parser.parse_args()
+    args.m = tuple(int(m) for m in args.m.split(","))
+    variants = [v for v in args.variants.split(",") if v]
+
+    results: Dict[str, Dict[str, Any]] = {}
+    work = tempfile.mkdtemp(prefix="dnc-quality-")
+    for variant in variants:
+        print(f"=== {variant}", flush=True)
+        results[variant] = run_variant(args, variant, work)
+        print(json.dumps({k: v for k, v in results[variant].items() if k != "history"}), flush=True)
+    throughput = None
+    if all(v in variants for v in THROUGHPUT_VARIANTS) and args.throughput_rounds > 0:
+        throughput = measure_throughput(
+            args, THROUGHPUT_VARIANTS, args.throughput_steps, args.throughput_rounds
+        )
+        print(json.dumps(throughput), flush=True)
+    with open(os.path.join(args.data, "stats.json")) as f:
+        stats = json.load(f)
+    report = {
+        "benchmark": "quality",
+        "data": {
+            "dir": args.data,
+            **{k: stats[k] for k in ("source", "users", "items", "clusters")},
+        },
+        "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
+        "results": results,
+        "throughput": throughput,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "versions": {n: metadata.version(n) for n in ("tensorflow", "tensorflow-recommenders")},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=2, sort_keys=True, default=str)
+    title = args.title or f"{stats['source']} ({stats['users']} users, {stats['items']} items)"
+    with open(args.out + ".md", "w") as f:
+        f.write(markdown(results, args.m, throughput, title))
+    print(f"wrote {args.out}.json and {args.out}.md")
+
+
+if __name__ == "__main__":
+    main()
