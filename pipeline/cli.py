@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import List, Optional, Sequence
 
-from pipeline import cli_trainer
+from pipeline import cli_serving, cli_trainer
 from preprocessing.config import (
     CLUSTERINGS,
     FILTER_MODES,
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess(sub)
     cli_trainer.add_train(sub)
     cli_trainer.add_evaluate(sub)
+    cli_serving.add_export(sub)
+    cli_serving.add_serve(sub)
+    cli_serving.add_query(sub)
     return parser
 
 

@@ -1,0 +1,78 @@
+"""``dnc export``, ``dnc serve`` and ``dnc query`` sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List
+
+from pipeline.cli_trainer import _alpha
+
+log = logging.getLogger("dnc")
+
+
+def add_export(sub: argparse._SubParsersAction) -> None:
+    """Registers ``dnc export``."""
+    p = sub.add_parser("export", help="SavedModel with per-cluster indexes for TF Serving")
+    p.add_argument("--model", required=True, help="dnc train --output")
+    p.add_argument("--data", required=True, help="the preprocessing output it was trained on")
+    p.add_argument("--output", required=True, help="BASE/NAME; writes BASE/NAME/<version>")
+    p.add_argument("--index", default="scann", choices=("scann", "brute-force"))
+    p.add_argument("--max-num-results", type=int, default=200)
+    p.add_argument("--num-results", type=int, default=50, help="M of serving_default")
+    p.add_argument("--alpha", type=_alpha, default=None, help="default: chosen on validation")
+    p.add_argument("--max-history", type=int, default=None)
+    p.set_defaults(handler=run_export)
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    """Registers ``dnc serve`` (flags as tensorflow_model_server's)."""
+    from serving.server import add_serve_arguments
+
+    p = sub.add_parser("serve", help="TensorFlow Serving API (gRPC + REST) over SavedModels")
+    add_serve_arguments(p)
+    p.set_defaults(handler=lambda args, extra: _run_serve(args))
+
+
+def add_query(sub: argparse._SubParsersAction) -> None:
+    """Registers ``dnc query``."""
+    from serving.client import add_query_arguments
+
+    p = sub.add_parser("query", help="query a server with the tensorflow-serving-api stub")
+    add_query_arguments(p)
+    p.set_defaults(handler=lambda args, extra: _run_query(args))
+
+
+def run_export(args: argparse.Namespace, extra: List[str]) -> int:
+    """Runs ``dnc export``."""
+    from serving.export import export_model
+
+    try:
+        version_dir = export_model(
+            args.model,
+            args.data,
+            args.output,
+            index=args.index,
+            max_num_results=args.max_num_results,
+            default_num_results=args.num_results,
+            alpha=args.alpha,
+            max_history=args.max_history,
+        )
+    except ValueError as e:
+        print(f"dnc export: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.index} model -> {version_dir}")
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from serving.server import run_serve
+
+    return run_serve(args)
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    from serving.client import run_query
+
+    return run_query(args)

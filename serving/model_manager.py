@@ -1,0 +1,522 @@
+"""Model discovery, loading, hot swapping and transport-neutral inference.
+
+A :class:`ModelManager` owns one :class:`ServedModel` per configured model. Each served model
+polls its base path for integer version directories, loads the versions its policy asks for
+on a background thread and swaps them in atomically: a request takes a reference to a
+:class:`LoadedVersion` and keeps using it even if a newer version replaces it meanwhile.
+Versions that fail to load are logged and remembered (keyed by a fingerprint of the
+directory), so a corrupt version is not retried on every poll while the previous one keeps
+serving.
+
+TensorFlow is imported lazily so that importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import re
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+log = logging.getLogger("dnc.serving")
+
+DEFAULT_SIGNATURE = "serving_default"
+PREDICT_METHOD = "tensorflow/serving/predict"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_VERSION_RE = re.compile(r"^[0-9]{1,18}$")
+
+Loader = Callable[[str], Any]
+
+
+class Code(enum.Enum):
+    """Transport-neutral error codes (mapped to gRPC status codes and HTTP statuses)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+
+
+class ServingError(Exception):
+    """A request error carrying a :class:`Code` and a client-facing message."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> ServingError:
+    """Returns an INVALID_ARGUMENT error."""
+    return ServingError(Code.INVALID_ARGUMENT, message)
+
+
+def not_found(message: str) -> ServingError:
+    """Returns a NOT_FOUND error."""
+    return ServingError(Code.NOT_FOUND, message)
+
+
+def validate_model_name(name: str) -> str:
+    """Checks a model name: ``[A-Za-z0-9_.-]``, no path separators, not ``.``/``..``.
+
+    Raises:
+        ValueError: for an empty, path-like or otherwise invalid name.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+        raise ValueError(
+            f"invalid model name {name!r}: use 1-128 characters of [A-Za-z0-9_.-], not '.' or '..'"
+        )
+    if ".." in name:
+        raise ValueError(f"invalid model name {name!r}: '..' is not allowed")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+    """Which on-disk versions to serve (``latest`` N, ``all`` or ``specific`` versions)."""
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: Tuple[int, ...] = ()
+
+    def select(self, candidates: Sequence[int]) -> List[int]:
+        """Returns the versions to serve among ``candidates`` (loadable on-disk versions)."""
+        ordered = sorted(set(candidates), reverse=True)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            wanted = set(self.versions)
+            return [v for v in ordered if v in wanted]
+        return ordered[: max(1, self.num_versions)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One served model: a name and a base path holding integer version directories."""
+
+    name: str
+    base_path: str
+    version_labels: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    policy: VersionPolicy = dataclasses.field(default_factory=VersionPolicy)
+
+    def __post_init__(self) -> None:
+        validate_model_name(self.name)
+        if not self.base_path:
+            raise ValueError(f"model {self.name!r}: base_path is empty")
+        for label in self.version_labels:
+            validate_model_name(label)
+
+
+def parse_model_config_text(text: str) -> List[ModelConfig]:
+    """Parses a text-format ``tensorflow.serving.ModelServerConfig``.
+
+    Raises:
+        ValueError: for unparsable text, a custom model config, or invalid entries.
+    """
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as e:
+        raise ValueError(f"cannot parse the model config file: {e}") from e
+    if config.WhichOneof("config") == "custom_model_config":
+        raise ValueError("custom_model_config is not supported; use model_config_list")
+    models: List[ModelConfig] = []
+    for entry in config.model_config_list.config:
+        platform = entry.model_platform or "tensorflow"
+        if platform != "tensorflow":
+            raise ValueError(f"model {entry.name!r}: unsupported model_platform {platform!r}")
+        which = entry.model_version_policy.WhichOneof("policy_choice")
+        if which == "all":
+            policy = VersionPolicy("all")
+        elif which == "specific":
+            policy = VersionPolicy(
+                "specific", versions=tuple(entry.model_version_policy.specific.versions)
+            )
+        else:
+            n = entry.model_version_policy.latest.num_versions if which == "latest" else 1
+            policy = VersionPolicy("latest", num_versions=n or 1)
+        models.append(ModelConfig(entry.name, entry.base_path, dict(entry.version_labels), policy))
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate model names in the config: {names}")
+    if not models:
+        raise ValueError("the model config lists no models")
+    return models
+
+
+def default_loader(path: str) -> Any:
+    """Loads a SavedModel with ``serving.export.load_exported`` if available.
+
+    Falls back to ``tf.saved_model.load`` when that module or function does not exist.
+    """
+    import importlib
+
+    load = None
+    try:
+        export = importlib.import_module("serving.export")
+    except ImportError as e:
+        if e.name != "serving.export":  # the module exists but is broken: say so
+            log.warning("serving.export failed to import (%s); using tf.saved_model.load", e)
+    else:
+        load = getattr(export, "load_exported", None)
+    if load is not None:
+        return load(path)
+    import tensorflow as tf
+
+    return tf.saved_model.load(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class SignatureInfo:
+    """A callable signature with its input and output specs (``tf.TensorSpec``)."""
+
+    name: str
+    fn: Any
+    inputs: Mapping[str, Any]
+    outputs: Mapping[str, Any]
+
+
+def _signature_infos(obj: Any) -> Dict[str, SignatureInfo]:
+    import tensorflow as tf
+
+    infos: Dict[str, SignatureInfo] = {}
+    signatures = getattr(obj, "signatures", None) or {}
+    for name, fn in signatures.items():
+        _, kwargs = fn.structured_input_signature
+        inputs = {k: v for k, v in kwargs.items() if isinstance(v, tf.TensorSpec)}
+        outputs = {k: tf.TensorSpec(v.shape, v.dtype, k) for k, v in fn.structured_outputs.items()}
+        infos[name] = SignatureInfo(name, fn, inputs, outputs)
+    return infos
+
+
+def check_input(spec: Any, name: str, array: np.ndarray) -> None:
+    """Checks an input array against its ``tf.TensorSpec`` (dtype, rank, static dims).
+
+    Raises:
+        ServingError: INVALID_ARGUMENT on mismatch.
+    """
+    import tensorflow as tf
+
+    if array.dtype.kind in "OSU":
+        dtype = tf.string
+    else:
+        try:
+            dtype = tf.as_dtype(array.dtype)
+        except TypeError as e:
+            raise invalid(f"input {name!r}: unsupported dtype {array.dtype}") from e
+    if dtype != spec.dtype:
+        raise invalid(f"input {name!r}: expects dtype {spec.dtype.name}, got {dtype.name}")
+    rank = spec.shape.rank
+    if rank is not None and array.ndim != rank:
+        raise invalid(
+            f"input {name!r}: expects rank {rank} (shape {spec.shape}), "
+            f"got rank {array.ndim} (shape {list(array.shape)})"
+        )
+    if not spec.shape.is_compatible_with(array.shape):
+        raise invalid(
+            f"input {name!r}: shape {list(array.shape)} is not compatible with {spec.shape}"
+        )
+
+
+class LoadedVersion:
+    """One loaded version of a model; immutable and safe to call from many threads."""
+
+    def __init__(self, name: str, version: int, path: str, obj: Any) -> None:
+        self.name = name
+        self.version = version
+        self.path = path
+        self.obj = obj
+        self.signatures = _signature_infos(obj)
+
+    def signature(self, signature_name: str) -> SignatureInfo:
+        """Returns a signature by name ("" means ``serving_default``).
+
+        Raises:
+            ServingError: NOT_FOUND for an unknown signature.
+        """
+        key = signature_name or DEFAULT_SIGNATURE
+        info = self.signatures.get(key)
+        if info is None:
+            raise not_found(
+                f"model {self.name!r} version {self.version} has no signature {key!r} "
+                f"(available: {sorted(self.signatures)})"
+            )
+        return info
+
+    def run(
+        self,
+        signature_name: str,
+        inputs: Mapping[str, np.ndarray],
+        output_filter: Sequence[str] = (),
+        max_elements: int = 0,
+    ) -> Dict[str, np.ndarray]:
+        """Validates ``inputs`` against the signature, calls it and returns numpy outputs.
+
+        Raises:
+            ServingError: INVALID_ARGUMENT for bad inputs or model-raised argument errors,
+                NOT_FOUND for an unknown signature, INTERNAL for other failures.
+        """
+        import tensorflow as tf
+
+        sig = self.signature(signature_name)
+        missing = sorted(set(sig.inputs) - set(inputs))
+        if missing:
+            raise invalid(f"missing input(s) {missing} for signature {sig.name!r}")
+        unknown = sorted(set(inputs) - set(sig.inputs))
+        if unknown:
+            raise invalid(
+                f"unknown input(s) {unknown} for signature {sig.name!r} "
+                f"(expects {sorted(sig.inputs)})"
+            )
+        bad_filter = sorted(set(output_filter) - set(sig.outputs))
+        if bad_filter:
+            raise invalid(f"output_filter names unknown output(s) {bad_filter}")
+        total = 0
+        for key, array in inputs.items():
+            check_input(sig.inputs[key], key, array)
+            total += int(array.size)
+        if max_elements and total > max_elements:
+            raise invalid(f"request has {total} elements, more than the limit {max_elements}")
+        try:
+            tensors = {k: tf.constant(v, dtype=sig.inputs[k].dtype) for k, v in inputs.items()}
+            result = sig.fn(**tensors)
+        except (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
+            raise invalid(f"{type(e).__name__}: {e.message}") from e
+        except (TypeError, ValueError) as e:
+            raise invalid(f"inputs rejected by signature {sig.name!r}: {e}") from e
+        except tf.errors.OpError as e:
+            log.exception("model %s v%d failed", self.name, self.version)
+            raise ServingError(Code.INTERNAL, f"{type(e).__name__}: {e.message}") from e
+        wanted = set(output_filter) or set(result)
+        return {k: v.numpy() for k, v in result.items() if k in wanted}
+
+
+class VersionState(enum.Enum):
+    """Version states as in ``tensorflow.serving.ModelVersionStatus.State``."""
+
+    START = 10
+    LOADING = 20
+    AVAILABLE = 30
+    UNLOADING = 40
+    END = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionStatus:
+    """The state of one version and the error of its last failed load, if any."""
+
+    version: int
+    state: VersionState
+    error: str = ""
+
+
+def _fingerprint(path: str) -> Tuple[int, ...]:
+    stats = []
+    for p in (path, os.path.join(path, "saved_model.pb")):
+        try:
+            st = os.stat(p)
+            stats += [st.st_mtime_ns, st.st_size, st.st_ino]
+        except OSError:
+            stats += [0, 0, 0]
+    return tuple(stats)
+
+
+class ServedModel:
+    """One model: polls its base path and keeps the versions of its policy loaded."""
+
+    def __init__(self, config: ModelConfig, loader: Loader) -> None:
+        self.config = config
+        self.name = config.name
+        self._base = os.path.realpath(config.base_path)
+        self._loader = loader
+        self._lock = threading.Lock()
+        self._loaded: Dict[int, LoadedVersion] = {}
+        self._status: Dict[int, VersionStatus] = {}
+        self._failed: Dict[int, Tuple[int, ...]] = {}
+
+    def _scan(self) -> Dict[int, str]:
+        try:
+            entries = os.listdir(self._base)
+        except OSError as e:
+            log.warning("model %s: cannot list base path %s: %s", self.name, self._base, e)
+            return {}
+        versions: Dict[int, str] = {}
+        for entry in entries:
+            if not _VERSION_RE.match(entry):
+                continue
+            path = os.path.realpath(os.path.join(self._base, entry))
+            if os.path.dirname(path) != self._base:
+                log.warning(
+                    "model %s: ignoring %s (resolves outside the base path)", self.name, entry
+                )
+                continue
+            if os.path.isdir(path):
+                versions[int(entry)] = path
+        return versions
+
+    def _set_status(self, version: int, state: VersionState, error: str = "") -> None:
+        with self._lock:
+            self._status[version] = VersionStatus(version, state, error)
+
+    def poll(self) -> None:
+        """Scans the base path once, loads wanted versions and unloads unwanted ones."""
+        on_disk = self._scan()
+        for version in list(self._failed):
+            if version not in on_disk or _fingerprint(on_disk[version]) != self._failed[version]:
+                del self._failed[version]  # changed or removed: may be retried
+        while True:
+            candidates = [v for v in on_disk if v not in self._failed]
+            wanted = self.config.policy.select(candidates)
+            to_load = [v for v in wanted if v not in self._loaded]
+            if not to_load:
+                break
+            self._load(to_load[0], on_disk[to_load[0]])
+        for version in [v for v in self._loaded if v not in wanted]:
+            self._set_status(version, VersionState.UNLOADING)
+            with self._lock:
+                self._loaded.pop(version, None)
+            self._set_status(version, VersionState.END)
+            log.info("model %s: unloaded version %d", self.name, version)
+
+    def _load(self, version: int, path: str) -> None:
+        fingerprint = _fingerprint(path)
+        self._set_status(version, VersionState.LOADING)
+        log.info("model %s: loading version %d from %s", self.name, version, path)
+        start = time.monotonic()
+        try:
+            loaded = LoadedVersion(self.name, version, path, self._loader(path))
+        except Exception as e:  # any load failure keeps the old version
+            self._failed[version] = fingerprint
+            self._set_status(version, VersionState.END, f"{type(e).__name__}: {e}")
+            log.error(
+                "model %s: version %d failed to load (kept serving %s): %s",
+                self.name,
+                version,
+                sorted(self._loaded) or "nothing",
+                e,
+            )
+            return
+        with self._lock:
+            self._loaded[version] = loaded
+            self._status[version] = VersionStatus(version, VersionState.AVAILABLE)
+        log.info(
+            "model %s: version %d available (%.1fs, signatures %s)",
+            self.name,
+            version,
+            time.monotonic() - start,
+            sorted(loaded.signatures),
+        )
+
+    def get(self, version: Optional[int] = None, label: str = "") -> LoadedVersion:
+        """Returns the latest loaded version, or a specific version or label.
+
+        Raises:
+            ServingError: NOT_FOUND when nothing matching is loaded.
+        """
+        with self._lock:
+            loaded = dict(self._loaded)
+        if label:
+            if label not in self.config.version_labels:
+                raise not_found(f"model {self.name!r} has no version label {label!r}")
+            version = self.config.version_labels[label]
+        if version is None:
+            if not loaded:
+                raise not_found(f"model {self.name!r} has no loaded version yet")
+            return loaded[max(loaded)]
+        if version not in loaded:
+            raise not_found(
+                f"model {self.name!r} version {version} is not loaded (available: {sorted(loaded)})"
+            )
+        return loaded[version]
+
+    def statuses(self, version: Optional[int] = None) -> List[VersionStatus]:
+        """Returns version statuses, newest first (one version if ``version`` is given).
+
+        Raises:
+            ServingError: NOT_FOUND for a version never seen.
+        """
+        with self._lock:
+            status = dict(self._status)
+        if version is not None:
+            if version not in status:
+                raise not_found(f"model {self.name!r} version {version} is unknown")
+            return [status[version]]
+        return [status[v] for v in sorted(status, reverse=True)]
+
+
+class ModelManager:
+    """All served models plus the background polling threads."""
+
+    def __init__(
+        self,
+        configs: Sequence[ModelConfig],
+        poll_wait_seconds: float = 1.0,
+        loader: Optional[Loader] = None,
+    ) -> None:
+        self.models = {c.name: ServedModel(c, loader or default_loader) for c in configs}
+        if len(self.models) != len(configs):
+            raise ValueError("duplicate model names")
+        self.poll_wait_seconds = poll_wait_seconds
+        self._stop = threading.Event()
+        self._threads: List[threading.Thread] = []
+
+    def poll_all(self) -> None:
+        """Polls every model once in the calling thread (used at start-up)."""
+        for model in self.models.values():
+            self._safe_poll(model)
+
+    def _safe_poll(self, model: ServedModel) -> None:
+        try:
+            model.poll()
+        except Exception:  # a polling bug must not kill the thread
+            log.exception("model %s: polling failed", model.name)
+
+    def start(self) -> None:
+        """Starts one daemon polling thread per model (if the poll interval is > 0)."""
+        if self.poll_wait_seconds <= 0:
+            return
+        for model in self.models.values():
+            t = threading.Thread(
+                target=self._loop, args=(model,), name=f"poll-{model.name}", daemon=True
+            )
+            t.start()
+            self._threads.append(t)
+
+    def _loop(self, model: ServedModel) -> None:
+        while not self._stop.wait(self.poll_wait_seconds):
+            self._safe_poll(model)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops the polling threads (a load in progress finishes first)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+    def model(self, name: str) -> ServedModel:
+        """Returns a served model by name.
+
+        Raises:
+            ServingError: INVALID_ARGUMENT for an invalid name, NOT_FOUND if not served.
+        """
+        try:
+            validate_model_name(name)
+        except ValueError as e:
+            raise invalid(str(e)) from e
+        model = self.models.get(name)
+        if model is None:
+            raise not_found(f"model {name!r} is not served (served: {sorted(self.models)})")
+        return model
+
+    def get(self, name: str, version: Optional[int] = None, label: str = "") -> LoadedVersion:
+        """Returns a loaded version of a model (see :meth:`ServedModel.get`)."""
+        return self.model(name).get(version, label)

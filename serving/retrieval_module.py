@@ -1,0 +1,379 @@
+"""The exported serving graph: raw item ids in, per-cluster ANN retrieval, quota merge out.
+
+``RetrievalModule`` is a ``tf.Module`` holding everything a request needs:
+
+* the item vocabulary (the TFT ``item_cluster_vocab`` asset in a ``StaticHashTable``:
+  raw id -> item_index; unknown ids and ``""`` become padding),
+* the trained towers (user tower conditioned on a cluster, intent head),
+* one top-k index per cluster (``tfrs`` ``ScaNN`` or ``BruteForce``) whose identifiers
+  are the raw item-id strings, or a single index over all items for plain variants,
+* the quota merge (``trainer.quotas.compute_quotas_tf`` + ``merge_per_cluster_tf``).
+
+History handling of one request (``history`` [B, n] raw ids, oldest first):
+
+* Unknown ids and ``""`` are dropped; the last ``max_len`` known items, right-aligned,
+  feed the towers (the trainer's convention).
+* The last ``max_history`` known items are excluded from the results. Every index
+  retrieves ``k = min(max_num_results + max_history, cluster size)`` candidates, so
+  dropping at most ``max_history`` of them still leaves ``max_num_results`` (or the
+  whole cluster). The capacity of cluster c is the number of valid candidates that
+  survive (``cluster size - history items in c`` for an exact index); ScaNN slots it
+  could not fill (NaN scores) are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from preprocessing import features
+from trainer.config import PAD_ID
+from trainer.quotas import compute_quotas_tf, merge_per_cluster_tf
+
+INDEX_KINDS = ("scann", "brute-force")
+
+
+def index_plan(
+    size: int,
+    k: int,
+    kind: str,
+    scann_min_size: int = 1024,
+    leaves_fraction: float = 0.1,
+    coverage: float = 4.0,
+) -> Dict[str, object]:
+    """Index parameters of one cluster (or of the whole corpus for plain variants).
+
+    ScaNN gets ``num_leaves ~ sqrt(size)`` and searches ``leaves_fraction`` of them, but
+    at least enough leaves to hold ``coverage * k`` points on average (so that the tree
+    search nearly always yields k candidates); candidates are re-scored exactly
+    (``num_reordering_candidates = k``). Clusters smaller than ``scann_min_size`` (or
+    ones where k covers the cluster) use exact brute force.
+
+    Args:
+        size: number of items indexed.
+        k: candidates returned per query.
+        kind: ``scann`` or ``brute-force``.
+        scann_min_size: smallest cluster served by ScaNN.
+        leaves_fraction: share of the leaves searched.
+        coverage: minimum expected searched points, in multiples of k.
+
+    Returns:
+        ``{"kind", "size", "k"}`` plus ``num_leaves``, ``num_leaves_to_search`` and
+        ``num_reordering_candidates`` for ScaNN.
+    """
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; expected one of {INDEX_KINDS}")
+    if size < 0 or k < 0:
+        raise ValueError(f"size and k must be >= 0, got size={size}, k={k}")
+    k = min(k, size)
+    if kind == "brute-force" or size < max(scann_min_size, 16) or k >= size:
+        return {"kind": "brute-force", "size": size, "k": k}
+    num_leaves = max(2, int(round(math.sqrt(size))))
+    needed = math.ceil(coverage * k * num_leaves / size)
+    search = min(num_leaves, max(1, math.ceil(leaves_fraction * num_leaves), needed))
+    return {
+        "kind": "scann",
+        "size": size,
+        "k": k,
+        "num_leaves": num_leaves,
+        "num_leaves_to_search": search,
+        "num_reordering_candidates": k,
+    }
+
+
+def build_index(
+    plan: Dict[str, object], embeddings: np.ndarray, identifiers: np.ndarray, name: str
+) -> tf.keras.layers.Layer:
+    """A tfrs top-k layer over ``embeddings`` [n, d] returning ``identifiers`` (strings)."""
+    k = int(plan["k"])
+    ids = tf.constant(np.asarray(identifiers, dtype=object).astype(bytes), tf.string)
+    if plan["kind"] == "scann":
+        index = tfrs.layers.factorized_top_k.ScaNN(
+            k=k,
+            num_leaves=int(plan["num_leaves"]),
+            num_leaves_to_search=int(plan["num_leaves_to_search"]),
+            num_reordering_candidates=int(plan["num_reordering_candidates"]),
+            name=name,
+        )
+        index.index(tf.constant(embeddings, tf.float32), ids)
+        index._serialized_searcher = _NamedScannState(
+            index._serialized_searcher, f"dnc-{name}-{uuid.uuid4().hex}"
+        )
+        return index
+    index = tfrs.layers.factorized_top_k.BruteForce(k=k, name=name)
+    return index.index(tf.constant(embeddings, tf.float32), ids)
+
+
+class _NamedScannState(tf.Module):
+    """A ScaNN searcher state whose resource has its own ``shared_name``.
+
+    ``scann_ops.ScannState.recreate_handle`` leaves ``shared_name`` empty, so the
+    resource is named after its graph node; in a SavedModel every index's node has
+    the same name and all indexes silently share the first searcher built. A unique
+    name per index (and per export) keeps them apart.
+    """
+
+    def __init__(self, state: tf.Module, shared_name: str) -> None:
+        super().__init__()
+        self.state = state
+        self.shared_name = shared_name
+
+    @tf.function(input_signature=[])
+    def recreate_handle(self) -> tf.Tensor:
+        """The searcher resource (built on first use, then shared by name)."""
+        from scann.scann_ops.py import scann_ops
+
+        s = self.state
+        return scann_ops.tensors_to_scann(
+            s.dataset,
+            s.scann_config,
+            s.serialized_partitioner,
+            s.datapoint_to_token,
+            s.ah_codebook,
+            s.hashed_dataset,
+            s.int8_dataset,
+            s.int8_multipliers,
+            s.dp_norms,
+            shared_name=self.shared_name,
+        )
+
+
+def right_align(ids: tf.Tensor, width: int) -> tf.Tensor:
+    """The last ``width`` non-pad entries of each row of ``ids`` [B, n], right-aligned.
+
+    Returns [B, width] int32 with ``PAD_ID`` on the left.
+    """
+    ids = tf.cast(ids, tf.int32)
+    valid = tf.not_equal(ids, PAD_ID)
+    from_end = tf.cumsum(tf.cast(valid, tf.int32), axis=1, reverse=True)  # 1 = last item
+    keep = valid & (from_end <= width)
+    where = tf.where(keep)  # [n_kept, 2] (row, col)
+    columns = width - tf.gather_nd(from_end, where)
+    indices = tf.stack([tf.cast(where[:, 0], tf.int32), columns], axis=1)
+    shape = tf.stack([tf.shape(ids)[0], width])
+    return tf.scatter_nd(indices, tf.gather_nd(ids, where), shape)
+
+
+class RetrievalModule(tf.Module):
+    """Serving graph of one trained model (see the module docstring).
+
+    Args:
+        model: a trained ``trainer.model.RetrievalModel`` (not ``mf``), built.
+        vocab_path: the TFT ``item_cluster_vocab`` file (line = item_index).
+        item_ids: raw id of each item_index.
+        item_cluster: cluster of each model id, ``[N + 1]`` (index 0 = pad).
+        plans: index plan of each cluster (merged) or one plan (plain).
+        max_num_results: largest ``num_results`` accepted.
+        default_num_results: M of ``serving_default``.
+        alpha: default quota exponent.
+        max_history: history items excluded from the results (the most recent ones).
+    """
+
+    def __init__(
+        self,
+        model,
+        vocab_path: str,
+        item_ids: Sequence[str],
+        item_cluster: np.ndarray,
+        plans: List[Dict[str, object]],
+        max_num_results: int,
+        default_num_results: int,
+        alpha: float,
+        max_history: int,
+    ) -> None:
+        super().__init__(name="dnc_retrieval")
+        self.model = model
+        self.merged = bool(model.variant.merged)
+        self.num_clusters = int(model.num_clusters)
+        self.max_len = int(model.model_config.max_len)
+        self.max_num_results = int(max_num_results)
+        self.default_num_results = int(default_num_results)
+        self.default_alpha = float(alpha)
+        self.max_history = int(max_history)
+        initializer = tf.lookup.TextFileInitializer(
+            vocab_path,
+            key_dtype=tf.string,
+            key_index=0,
+            value_dtype=tf.int64,
+            value_index=tf.lookup.TextFileIndex.LINE_NUMBER,
+            delimiter=features.VOCAB_DELIMITER,
+        )
+        self.item_table = tf.lookup.StaticHashTable(initializer, features.OOV_INDEX)
+        ids = np.asarray([features.PADDING_ITEM_ID, *item_ids], dtype=object).astype(bytes)
+        self.output_ids = tf.Variable(ids, trainable=False, name="output_item_ids")
+        self.item_cluster = tf.Variable(
+            np.asarray(item_cluster, np.int32), trainable=False, name="item_cluster"
+        )
+        embeddings = model.candidate_embeddings(tf.range(model.num_items + 1)).numpy()
+        cluster = np.asarray(item_cluster)
+        self.indexes = []
+        if self.merged:
+            groups = [np.flatnonzero(cluster == c) for c in range(self.num_clusters)]
+        else:
+            groups = [np.arange(1, len(cluster))]
+        if len(groups) != len(plans):
+            raise ValueError(f"{len(plans)} index plans for {len(groups)} indexes")
+        for c, (rows, plan) in enumerate(zip(groups, plans, strict=True)):
+            if rows.size == 0:
+                self.indexes.append(None)
+                continue
+            self.indexes.append(build_index(plan, embeddings[rows], ids[rows], f"index_{c}"))
+        self.k_max = max(int(p["k"]) for p in plans)
+
+    # ------------------------------------------------------------------ building blocks
+
+    def model_ids(self, raw: tf.Tensor) -> tf.Tensor:
+        """Model item ids (``item_index + 1``) of raw ids; unknown ids and ``""`` -> PAD_ID."""
+        index = self.item_table.lookup(raw)
+        oov = tf.constant(features.OOV_INDEX, tf.int64)
+        ids = tf.where(tf.equal(raw, features.PADDING_ITEM_ID), oov, index)
+        return tf.cast(ids, tf.int32) + 1
+
+    def _tower_history(self, history: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        ids = self.model_ids(history)
+        return right_align(ids, self.max_len), right_align(ids, self.max_history)
+
+    def _user(self, tower: tf.Tensor, task: tf.Tensor) -> tf.Tensor:
+        return self.model.user_embedding(tower, task, training=False)
+
+    def _candidates(self, index, query: tf.Tensor, seen: tf.Tensor):
+        """(scores, model ids) [B, k_max] of one index: history and empty slots -> -inf / 0."""
+        b = tf.shape(query)[0]
+        if index is None:
+            return (
+                tf.fill([b, self.k_max], tf.constant(-np.inf, tf.float32)),
+                tf.zeros([b, self.k_max], tf.int32),
+            )
+        scores, raw = index(query)
+        ids = self.model_ids(raw)
+        pos = tf.searchsorted(seen, ids)
+        hit = tf.gather(seen, tf.minimum(pos, tf.shape(seen)[1] - 1), batch_dims=1)
+        valid = ~tf.math.is_nan(scores) & tf.not_equal(ids, PAD_ID) & tf.not_equal(hit, ids)
+        scores = tf.where(valid, scores, -np.inf)
+        order = tf.argsort(scores, axis=-1, direction="DESCENDING", stable=True)
+        scores = tf.gather(scores, order, batch_dims=1)
+        ids = tf.gather(tf.where(valid, ids, PAD_ID), order, batch_dims=1)
+        pad = [[0, 0], [0, self.k_max - tf.shape(scores)[1]]]
+        scores = tf.pad(scores, pad, constant_values=-np.inf)
+        ids = tf.pad(ids, pad, constant_values=PAD_ID)
+        return tf.ensure_shape(scores, [None, self.k_max]), tf.ensure_shape(ids, [None, self.k_max])
+
+    def _finish(self, ids, scores, clusters, num_results) -> Dict[str, tf.Tensor]:
+        width = tf.shape(ids)[1]
+        pad = [[0, 0], [0, tf.maximum(num_results - width, 0)]]
+        ids = tf.pad(ids[:, :num_results], pad, constant_values=PAD_ID)
+        scores = tf.pad(scores[:, :num_results], pad, constant_values=-np.inf)
+        clusters = tf.pad(tf.cast(clusters[:, :num_results], tf.int32), pad, constant_values=-1)
+        return {
+            "item_ids": tf.gather(self.output_ids, ids),
+            "scores": scores,
+            "clusters": clusters,
+        }
+
+    def serve(self, history: tf.Tensor, alpha: tf.Tensor, num_results: tf.Tensor):
+        """Top ``num_results`` unseen items of every history row (see the module docstring)."""
+        history = tf.convert_to_tensor(history, tf.string)
+        num_results = tf.cast(num_results, tf.int32)
+        alpha = tf.cast(alpha, tf.float32)
+        checks = [
+            tf.debugging.assert_less_equal(
+                num_results,
+                self.max_num_results,
+                message=f"num_results must be <= max_num_results={self.max_num_results}",
+            ),
+            tf.debugging.assert_non_negative(num_results, message="num_results must be >= 0"),
+            tf.debugging.assert_non_negative(alpha, message="alpha must be >= 0 (inf allowed)"),
+        ]
+        with tf.control_dependencies(checks):
+            num_results = tf.identity(num_results)
+        tower, seen = self._tower_history(history)
+        seen = tf.sort(seen, axis=-1)
+        b = tf.shape(tower)[0]
+        if not self.merged:
+            query = self._user(tower, tf.fill([b], self.num_clusters))
+            scores, ids = self._candidates(self.indexes[0], query, seen)
+            clusters = tf.where(ids == PAD_ID, -1, tf.gather(self.item_cluster, ids))
+            return self._finish(ids, scores, clusters, num_results)
+        k = self.num_clusters
+        tasks = tf.tile(tf.range(k, dtype=tf.int32), [b])
+        users = tf.reshape(self._user(tf.repeat(tower, k, axis=0), tasks), [b, k, -1])
+        per_cluster = [self._candidates(self.indexes[c], users[:, c], seen) for c in range(k)]
+        scores = tf.stack([s for s, _ in per_cluster], axis=1)  # [B, K, k_max]
+        ids = tf.stack([i for _, i in per_cluster], axis=1)
+        capacity = tf.reduce_sum(tf.cast(ids != PAD_ID, tf.int32), axis=-1)
+        p = self.model.intent(tower, training=False)
+        quotas = compute_quotas_tf(p, num_results, alpha, capacity)
+        out_ids, out_scores, out_clusters = merge_per_cluster_tf(scores, ids, quotas)
+        return self._finish(out_ids, out_scores, out_clusters, num_results)
+
+    # ------------------------------------------------------------------ signatures
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.string, name="history")])
+    def serving_default(self, history):
+        """``history`` [B, n] -> top ``default_num_results`` with the default alpha."""
+        return self.serve(history, self.default_alpha, self.default_num_results)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.string, name="history"),
+            tf.TensorSpec([], tf.float32, name="alpha"),
+            tf.TensorSpec([], tf.int32, name="num_results"),
+        ]
+    )
+    def retrieve(self, history, alpha, num_results):
+        """``history`` [B, n], ``alpha``, ``num_results`` -> top ``num_results``."""
+        return self.serve(history, alpha, num_results)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.string, name="history"),
+            tf.TensorSpec([None], tf.int32, name="cluster"),
+        ]
+    )
+    def user_embedding(self, history, cluster):
+        """e_uk [B, d] for ``cluster`` [B] (K = unconditioned)."""
+        tower, _ = self._tower_history(history)
+        checks = [
+            tf.debugging.assert_non_negative(cluster, message="cluster must be in [0, K]"),
+            tf.debugging.assert_less_equal(
+                cluster, self.num_clusters, message=f"cluster must be <= K={self.num_clusters}"
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            cluster = tf.identity(cluster)
+        return {"embedding": self._user(tower, cluster)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.string, name="history")])
+    def intent(self, history):
+        """p_uk [B, K]."""
+        tower, _ = self._tower_history(history)
+        return {"probabilities": self.model.intent(tower, training=False)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def predict_examples(self, examples):
+        """Serialized ``tf.Example`` with a bytes list ``history`` -> as ``serving_default``."""
+        spec = {"history": tf.io.VarLenFeature(tf.string)}
+        parsed = tf.io.parse_example(examples, spec)["history"]
+        history = tf.sparse.to_dense(parsed, default_value=features.PADDING_ITEM_ID)
+        return self.serve(history, self.default_alpha, self.default_num_results)
+
+    def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
+        """The SavedModel signatures, by name."""
+        return {
+            "serving_default": self.serving_default.get_concrete_function(),
+            "retrieve": self.retrieve.get_concrete_function(),
+            "user_embedding": self.user_embedding.get_concrete_function(),
+            "intent": self.intent.get_concrete_function(),
+            "predict_examples": self.predict_examples.get_concrete_function(),
+        }
+
+
+def check_alpha(alpha: Optional[float]) -> None:
+    """Raises ValueError unless ``alpha`` is None or a number >= 0 (inf allowed)."""
+    if alpha is not None and (math.isnan(float(alpha)) or float(alpha) < 0):
+        raise ValueError(f"alpha must be >= 0 (inf allowed), got {alpha}")

@@ -1,0 +1,250 @@
+"""A TensorFlow Serving API compatible model server (gRPC + REST) for this project.
+
+Stock ``tensorflow_model_server`` cannot load the project's SavedModels (ScaNN custom ops),
+so this server speaks the same API (``tensorflow.serving.PredictionService`` /
+``ModelService`` over gRPC, the ``/v1/models`` REST API) with the same flags::
+
+    dnc serve --model_name=dnc --model_base_path=/models/dnc --port=8500 --rest_api_port=8501
+
+The :class:`Server` class runs it in-process (tests); :func:`run_serve` is the CLI entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from typing import Any, List, Optional, Sequence
+
+from serving.model_manager import (
+    Loader,
+    ModelConfig,
+    ModelManager,
+    parse_model_config_text,
+)
+
+log = logging.getLogger("dnc.serving")
+
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_REQUEST_ELEMENTS = 4_000_000
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class Server:
+    """gRPC + REST model server over a :class:`ModelManager`.
+
+    Args:
+        models: the models to serve.
+        host: interface to bind (loopback by default; anything else is logged).
+        grpc_port: gRPC port (0 picks a free port; read :attr:`grpc_port` after start).
+        rest_port: REST port (0 picks a free port); None disables REST.
+        poll_wait_seconds: interval between scans of the base paths (<= 0: only at start).
+        max_request_bytes: largest gRPC message / REST body accepted.
+        max_request_elements: largest total number of input elements per request.
+        grpc_workers: size of the gRPC thread pool.
+        loader: SavedModel loader (default: ``serving.export.load_exported`` if present,
+            else ``tf.saved_model.load``).
+    """
+
+    def __init__(
+        self,
+        models: Sequence[ModelConfig],
+        host: str = "127.0.0.1",
+        grpc_port: int = 8500,
+        rest_port: Optional[int] = 8501,
+        poll_wait_seconds: float = 1.0,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_request_elements: int = DEFAULT_MAX_REQUEST_ELEMENTS,
+        grpc_workers: int = 16,
+        loader: Optional[Loader] = None,
+    ) -> None:
+        if not models:
+            raise ValueError("at least one model is required")
+        if max_request_bytes <= 0 or max_request_elements <= 0:
+            raise ValueError("max_request_bytes and max_request_elements must be > 0")
+        self.manager = ModelManager(models, poll_wait_seconds, loader)
+        self.host = host
+        self._requested_grpc_port = grpc_port
+        self._requested_rest_port = rest_port
+        self.max_request_bytes = max_request_bytes
+        self.max_request_elements = max_request_elements
+        self.grpc_workers = grpc_workers
+        self.grpc_port: Optional[int] = None
+        self.rest_port: Optional[int] = None
+        self._grpc: Any = None
+        self._rest: Any = None
+        self._rest_thread: Optional[threading.Thread] = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        """Loads the initial versions, then starts the gRPC and REST servers and polling.
+
+        Raises:
+            RuntimeError: if a port cannot be bound.
+        """
+        import grpc
+
+        from serving import grpc_service, rest
+
+        if self.host not in _LOOPBACK:
+            log.warning("binding %s: the server is reachable from other hosts", self.host)
+        self.manager.poll_all()
+        options = [
+            ("grpc.max_receive_message_length", self.max_request_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(self.grpc_workers, thread_name_prefix="grpc"),
+            options=options,
+        )
+        grpc_service.add_servicers(self._grpc, self.manager, self.max_request_elements)
+        address = f"[{self.host}]" if ":" in self.host else self.host
+        port = self._grpc.add_insecure_port(f"{address}:{self._requested_grpc_port}")
+        if not port:
+            raise RuntimeError(f"cannot bind gRPC to {address}:{self._requested_grpc_port}")
+        self.grpc_port = port
+        if self._requested_rest_port is not None:
+            self._rest = rest.RestServer(
+                self.host,
+                self._requested_rest_port,
+                self.manager,
+                self.max_request_bytes,
+                self.max_request_elements,
+            )
+            self.rest_port = self._rest.server_address[1]
+        self._grpc.start()
+        if self._rest is not None:
+            self._rest_thread = threading.Thread(
+                target=self._rest.serve_forever, name="rest", daemon=True
+            )
+            self._rest_thread.start()
+        self.manager.start()
+        log.info(
+            "serving %s: gRPC %s:%d, REST %s",
+            sorted(self.manager.models),
+            self.host,
+            self.grpc_port,
+            f"{self.host}:{self.rest_port}" if self.rest_port else "disabled",
+        )
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stops accepting requests, lets in-flight ones finish (up to ``grace`` s), stops."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        done = self._grpc.stop(grace) if self._grpc is not None else None
+        if self._rest is not None:
+            if self._rest_thread is not None:
+                self._rest.shutdown()  # stops accepting new connections
+            self._rest.server_close()  # joins the threads of in-flight requests
+        if done is not None:
+            done.wait(grace + 1)
+        self.manager.stop()
+        log.info("server stopped")
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Blocks until :meth:`stop` has been called; returns whether it was."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``tensorflow_model_server``-style flags of ``dnc serve``."""
+    parser.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
+    parser.add_argument(
+        "--rest_api_port", type=int, default=8501, help="REST port (default 8501; 0 disables)"
+    )
+    parser.add_argument("--model_name", default="default", help="name of the single model")
+    parser.add_argument("--model_base_path", help="directory of integer version directories")
+    parser.add_argument(
+        "--model_config_file", help="text-format ModelServerConfig (several models)"
+    )
+    parser.add_argument(
+        "--file_system_poll_wait_seconds",
+        type=float,
+        default=1.0,
+        help="interval between scans for new versions (default 1; <= 0 scans only at start)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument(
+        "--max_request_bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest gRPC message / REST body (default 4 MiB)",
+    )
+    parser.add_argument(
+        "--max_request_elements",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_ELEMENTS,
+        help="largest number of input elements per request",
+    )
+    parser.add_argument("--grpc_workers", type=int, default=16, help="gRPC thread pool size")
+    parser.add_argument(
+        "--grace_seconds", type=float, default=10.0, help="time to finish in-flight requests"
+    )
+
+
+def model_configs_from_args(args: argparse.Namespace) -> List[ModelConfig]:
+    """Builds the model list from ``--model_config_file`` or ``--model_name/base_path``.
+
+    Raises:
+        ValueError: when neither or both are given, or the config is invalid.
+    """
+    if args.model_config_file and args.model_base_path:
+        raise ValueError("use either --model_config_file or --model_base_path, not both")
+    if args.model_config_file:
+        with open(args.model_config_file, encoding="utf-8") as f:
+            return parse_model_config_text(f.read())
+    if not args.model_base_path:
+        raise ValueError("--model_base_path (or --model_config_file) is required")
+    return [ModelConfig(args.model_name, os.path.abspath(args.model_base_path))]
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Runs the server until SIGTERM/SIGINT; returns the exit code (0 on a clean stop)."""
+    try:
+        models = model_configs_from_args(args)
+    except (OSError, ValueError) as e:
+        log.error("serve: %s", e)
+        return 2
+    rest_port = args.rest_api_port or None
+    server = Server(
+        models,
+        host=args.host,
+        grpc_port=args.port,
+        rest_port=rest_port,
+        poll_wait_seconds=args.file_system_poll_wait_seconds,
+        max_request_bytes=args.max_request_bytes,
+        max_request_elements=args.max_request_elements,
+        grpc_workers=args.grpc_workers,
+    )
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            server.start()
+        except RuntimeError as e:
+            log.error("serve: %s", e)
+            server.stop(0)
+            return 1
+        while not stop_requested.wait(0.5):
+            pass
+        server.stop(args.grace_seconds)
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,145 @@
+"""preprocess -> train -> export -> `dnc serve` -> Predict over the real gRPC stub and REST.
+
+The served items must be the ones the trainer's own evaluation path returns for the
+brute-force export (same alpha, same histories).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis.get_model_status_pb2 import GetModelStatusRequest
+
+from pipeline.cli import main
+from serving.export import METADATA_DIR, METADATA_FILE
+from trainer import data, evaluation
+from trainer.train import ModelScorer, load_model
+
+USERS = 12
+M = 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    model_dir, base = str(root / "model"), str(root / "serving" / "dnc")
+    train = ["train", f"--data={tiny_data}", f"--output={model_dir}", "--variant=dnc"]
+    train += ["--epochs=1", "--steps-per-epoch=5", "--batch-size=32", "--max-len=10"]
+    train += ["--dim=16", "--blocks=1", "--eval-users=30", "--eval-m=10"]
+    assert main(["--log-level=WARNING"] + train) == 0
+    export = ["export", f"--model={model_dir}", f"--data={tiny_data}", f"--output={base}"]
+    export += ["--index=brute-force", f"--num-results={M}", "--max-history=100"]
+    assert main(["--log-level=WARNING"] + export) == 0
+    with open(os.path.join(base, "1", METADATA_DIR, METADATA_FILE)) as f:
+        alpha = float(json.load(f)["alpha"])
+    grpc_port, rest_port = _free_port(), _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "--log-level=WARNING", "serve"]
+        + [f"--port={grpc_port}", f"--rest_api_port={rest_port}", "--model_name=dnc"]
+        + [f"--model_base_path={base}", "--file_system_poll_wait_seconds=0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    status = model_service_pb2_grpc.ModelServiceStub(channel)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            request = GetModelStatusRequest()
+            request.model_spec.name = "dnc"
+            reply = status.GetModelStatus(request, timeout=2)
+            if any(v.state == v.AVAILABLE for v in reply.model_version_status):
+                break
+        except grpc.RpcError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"server did not come up:\n{server.stdout.read()[-3000:]}")
+        time.sleep(0.5)
+    yield {
+        "model_dir": model_dir,
+        "alpha": alpha,
+        "channel": channel,
+        "rest": f"http://127.0.0.1:{rest_port}",
+    }
+    channel.close()
+    server.terminate()
+    assert server.wait(timeout=60) == 0
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, served):
+    """Histories of some test users and the trainer's exact merged top-M for them."""
+    items = data.load_items(tiny_data)
+    ev = data.evaluation_data(tiny_data, "test", 10, max_users=USERS, seed=3)
+    model, _ = load_model(served["model_dir"], tiny_data)
+    exact = evaluation.retrieve(
+        ModelScorer(model), ev.histories, ev.exclude, items.item_cluster, m=M,
+        alpha=served["alpha"], progress=False,
+    )  # fmt: skip
+    width = max(len(h) for h in ev.exclude)
+    raw = np.full((USERS, width), "", dtype=object)
+    for row, history in enumerate(ev.exclude):
+        raw[row, : len(history)] = items.item_ids[history - 1]
+    expected = [{items.item_ids[i - 1] for i in row if i} for row in exact]
+    return raw, expected
+
+
+def test_grpc_predict_returns_the_trainers_items(served, reference):
+    raw, expected = reference
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(served["channel"])
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "dnc"
+    request.model_spec.signature_name = "serving_default"
+    request.inputs["history"].CopyFrom(tf.make_tensor_proto(raw.astype(bytes)))
+    reply = stub.Predict(request, timeout=30)
+    item_ids = tf.make_ndarray(reply.outputs["item_ids"])
+    assert item_ids.shape == (USERS, M)
+    assert reply.model_spec.version.value == 1
+    for row, want in zip(item_ids, expected, strict=True):
+        assert {x.decode() for x in row} == want
+
+
+def test_rest_predict_returns_the_same_items(served, reference):
+    raw, expected = reference
+    body = json.dumps({"instances": [{"history": list(row)} for row in raw]}).encode()
+    request = urllib.request.Request(
+        served["rest"] + "/v1/models/dnc:predict",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        predictions = json.load(response)["predictions"]
+    assert len(predictions) == USERS
+    for prediction, want in zip(predictions, expected, strict=True):
+        assert set(prediction["item_ids"]) == want
+        assert len(prediction["scores"]) == M
+
+
+def test_dnc_query_prints_the_items(served, reference, capsys):
+    raw, expected = reference
+    history = ",".join(x for x in raw[0] if x)
+    port = served["channel"]._channel.target().decode().rsplit(":", 1)[1]
+    code = main(
+        ["query", f"--server=127.0.0.1:{port}", "--model_name=dnc", f"--history={history}"]
+        + [f"--num_results={M}", f"--alpha={served['alpha']}"]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert sum(item in printed for item in expected[0]) == M
