@@ -37,8 +37,12 @@ def _map_values(fn, x):
     return fn(x)
 
 
-def item_index_lookup(x, vocab_path) -> Tuple[tf.Tensor, tf.Tensor]:
-    """``lookup_fn`` for tft.apply_vocabulary: item id -> line number of the vocab."""
+def item_index_table(vocab_path) -> tf.lookup.StaticHashTable:
+    """Raw item id -> item index (the vocabulary's line number), unknown -> OOV_INDEX.
+
+    Used by the transform graph and by the serving module, so both read the
+    item vocabulary asset the same way.
+    """
     initializer = tf.lookup.TextFileInitializer(
         vocab_path,
         key_dtype=tf.string,
@@ -47,7 +51,12 @@ def item_index_lookup(x, vocab_path) -> Tuple[tf.Tensor, tf.Tensor]:
         value_index=tf.lookup.TextFileIndex.LINE_NUMBER,
         delimiter=features.VOCAB_DELIMITER,
     )
-    table = tf.lookup.StaticHashTable(initializer, default_value=features.OOV_INDEX)
+    return tf.lookup.StaticHashTable(initializer, default_value=features.OOV_INDEX)
+
+
+def item_index_lookup(x, vocab_path) -> Tuple[tf.Tensor, tf.Tensor]:
+    """``lookup_fn`` for tft.apply_vocabulary: item id -> line number of the vocab."""
+    table = item_index_table(vocab_path)
     return table.lookup(x), table.size()
 
 

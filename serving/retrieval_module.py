@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from preprocessing import features
+from preprocessing import features, transform
 from trainer.config import PAD_ID
 from trainer.quotas import compute_quotas_tf, merge_per_cluster_tf
 
@@ -195,15 +195,7 @@ class RetrievalModule(tf.Module):
         self.default_num_results = int(default_num_results)
         self.default_alpha = float(alpha)
         self.max_history = int(max_history)
-        initializer = tf.lookup.TextFileInitializer(
-            vocab_path,
-            key_dtype=tf.string,
-            key_index=0,
-            value_dtype=tf.int64,
-            value_index=tf.lookup.TextFileIndex.LINE_NUMBER,
-            delimiter=features.VOCAB_DELIMITER,
-        )
-        self.item_table = tf.lookup.StaticHashTable(initializer, features.OOV_INDEX)
+        self.item_table = transform.item_index_table(vocab_path)
         ids = np.asarray([features.PADDING_ITEM_ID, *item_ids], dtype=object).astype(bytes)
         self.output_ids = tf.Variable(ids, trainable=False, name="output_item_ids")
         self.item_cluster = tf.Variable(
