@@ -179,9 +179,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--throughput-steps", type=int, default=30)
     parser.add_argument("--throughput-rounds", type=int, default=3)
+    parser.add_argument(
+        "--throughput-only", action="store_true", help="skip quality; measure samples/s only"
+    )
     args = parser.parse_args()
     args.m = tuple(int(m) for m in args.m.split(","))
     variants = [v for v in args.variants.split(",") if v]
+    if args.throughput_only:
+        throughput = measure_throughput(
+            args, THROUGHPUT_VARIANTS, args.throughput_steps, args.throughput_rounds
+        )
+        report = {"benchmark": "throughput", "data": args.data, "throughput": throughput}
+        report["settings"] = {k: v for k, v in vars(args).items() if k not in ("data", "out")}
+        report["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+        report["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with open(args.out + ".json", "w") as f:
+            json.dump(report, f, indent=2, sort_keys=True)
+        print(json.dumps(throughput, indent=2))
+        return
 
     results: Dict[str, Dict[str, Any]] = {}
     work = tempfile.mkdtemp(prefix="dnc-quality-")
