@@ -200,3 +200,37 @@ def test_multi_processing_run_gives_the_same_outputs(tmp_path):
     ]
     assert main(common + multi) == 0
     assert _fingerprint(f"{tmp_path}/inproc") == _fingerprint(f"{tmp_path}/multi")
+
+
+def _reference_filter(sequences, min_item, min_user, rounds):
+    """Independent k-core style filtering: items first, then users, ``rounds`` times."""
+    import collections
+
+    for _ in range(rounds):
+        counts = collections.Counter(i for seq in sequences.values() for i in seq)
+        sequences = {
+            u: kept
+            for u, seq in sequences.items()
+            if len(kept := [i for i in seq if counts[i] >= min_item]) >= min_user
+        }
+    return sequences
+
+
+@pytest.mark.parametrize("mode,rounds", [("once", 1), ("until_stable", 20)])
+def test_min_count_filters_match_a_reference(tmp_path, mode, rounds):
+    out = str(tmp_path / "out")
+    args = ["--log-level=WARNING", "preprocess", "--source=ml1m", f"--input={ML1M}"]
+    args += [f"--output={out}", "--num-clusters=3", "--min-item-interactions=5"]
+    args += ["--min-user-interactions=5", f"--filter-mode={mode}"]
+    assert main(args) == 0
+    expected = _reference_filter(
+        _reference_sequences(os.path.join(ML1M, "ratings.dat")), 5, 5, rounds
+    )
+    got = _records(out, features.TEST)
+    assert {u: seq for u, (seq, _) in got.items()} == expected
+    with open(os.path.join(out, features.STATS_FILE)) as f:
+        stats = json.load(f)
+    assert stats["filter"]["mode"] == mode and stats["filter"]["rounds"] == rounds
+    if mode == "until_stable":
+        assert stats["filter"]["stable"]
+        assert expected == _reference_filter(expected, 5, 5, 1)  # a fixpoint
