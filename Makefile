@@ -6,10 +6,10 @@ VENV ?= .venv
 LOCK := requirements.lock
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= runs/demo
+DEMO_DIR ?= runs/pipeline
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all lint format bench-preprocess lock clean
+.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-serving lock clean
 
 venv: $(STAMP)
 
@@ -21,10 +21,10 @@ $(STAMP): $(LOCK) setup.py
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
-# Main job on the embedded synthetic data set: generate + preprocess + statistics.
+# Main job on the embedded synthetic data set: the whole pipeline (generate, validate,
+# preprocess, train dnc + sasrec, evaluate, bless, push), then serve and query over gRPC.
 demo: venv
-	$(BIN)/dnc preprocess --source synthetic --output $(DEMO_DIR)
-	@echo "stats: $(DEMO_DIR)/stats.json"
+	$(BIN)/dnc pipeline run --root $(DEMO_DIR)
 
 # Default test run (< 15 minutes on 2 cores); long runs are marked `slow`.
 test: venv
@@ -43,6 +43,15 @@ format: venv
 
 bench-preprocess: venv
 	$(BIN)/python bench/preprocess.py
+
+# Every variant on the synthetic set (about 30 minutes on 2 cores).
+bench-quality: venv
+	$(BIN)/dnc preprocess --source synthetic --output runs/bench-synthetic
+	$(BIN)/python bench/quality.py --data runs/bench-synthetic --m 50,100 --epochs 5 \
+		--out bench/results/quality-synthetic
+
+bench-serving: venv
+	$(BIN)/python bench/serving.py
 
 # Re-resolve requirements.in into requirements.lock (needs the network to PyPI).
 lock:

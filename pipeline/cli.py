@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import List, Optional, Sequence
 
-from pipeline import cli_serving, cli_trainer
+from pipeline import cli_pipeline, cli_serving, cli_trainer
 from preprocessing.config import (
     CLUSTERINGS,
     FILTER_MODES,
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_serving.add_export(sub)
     cli_serving.add_serve(sub)
     cli_serving.add_query(sub)
+    cli_pipeline.add_pipeline(sub)
     return parser
 
 

@@ -1,0 +1,754 @@
+"""Benchmark: serving latency / QPS of the exported retrieval graph, ScaNN vs brute force.
+
+Training a model over 1M items is out of reach here, so the SavedModel is assembled from
+synthetic embeddings with the project's own serving graph: ``SyntheticTowers`` stands in
+for the trained towers (mean-pooled history embeddings times a per-cluster prompt plus a
+pull towards the cluster centre; intent = softmax over the centres) and is wrapped, as is,
+by ``serving.retrieval_module.RetrievalModule``. Everything else is the real serving path:
+the raw-id vocabulary table, one index per cluster built by ``index_plan`` /
+``build_index`` (the plans ``dnc export`` would choose), history exclusion and the
+quota merge (``compute_quotas_tf`` + ``merge_per_cluster_tf``). Note that the stand-in
+user tower is much cheaper than a transformer tower; the figures measure retrieval.
+
+Items: ``--clusters`` Gaussian centres in ``--dim`` dimensions, item = centre + noise,
+uneven cluster sizes (share of cluster c ~ 1 / (c + 1)^0.8). Requests: 20-50 items drawn
+from 1-3 clusters, ``serving_default`` (M = ``--num-results``).
+
+For every size and index kind:
+
+* export to ``TMP/NAME/1`` (``tf.saved_model.save`` with the ``Scann`` namespace),
+* in-process latency: the loaded ``serving_default`` signature called directly,
+* a ``serving.server.Server`` (gRPC, loopback, port 0) in a child process, queried with
+  ``serving.client.PredictClient``: sequential requests, then ``--concurrency`` client
+  threads with a stub each,
+* recall of the ScaNN lists against the brute-force lists of the same requests.
+
+Every phase is bounded by a request count and ``--phase-seconds``. Writes
+``OUT.json`` and ``OUT.md``::
+
+    .venv/bin/python bench/serving.py --sizes 100000,1000000 --out bench/results/serving
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+
+import dnc_env  # noqa: E402,F401  (tf-keras before tensorflow)
+
+INDEX_ORDER = ("brute-force", "scann")
+PACKAGES = (
+    "tensorflow",
+    "tensorflow-recommenders",
+    "scann",
+    "tensorflow-serving-api",
+    "grpcio",
+    "numpy",
+)
+_CHILD_FLAG = "--serve-child"
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def cluster_sizes(num_items: int, num_clusters: int, exponent: float = 0.8) -> np.ndarray:
+    """Uneven cluster sizes summing to ``num_items`` (share of c ~ 1 / (c + 1)^exponent)."""
+    share = 1.0 / np.arange(1, num_clusters + 1) ** exponent
+    sizes = np.floor(share / share.sum() * num_items).astype(np.int64)
+    sizes[0] += num_items - int(sizes.sum())
+    return sizes
+
+
+def synthetic_items(
+    num_items: int, num_clusters: int, dim: int, noise: float, seed: int, latent_dim: int = 0
+) -> Dict[str, np.ndarray]:
+    """Clustered item embeddings.
+
+    The noise around a centre is isotropic (``latent_dim`` 0) or mostly in a random
+    ``latent_dim``-dimensional subspace plus 10% isotropic noise (a decaying spectrum,
+    closer to learned embeddings; ANN recall depends strongly on it).
+
+    Returns:
+        ``embeddings`` [N + 1, d] float32 (row 0 = padding, zeros), ``item_cluster``
+        [N + 1] int32 (index 0 = pad, cluster 0), ``centroids`` [K, d] float32 and
+        ``sizes`` [K].
+    """
+    rng = np.random.default_rng(seed)
+    centroids = rng.normal(0.0, 1.0, (num_clusters, dim)).astype(np.float32)
+    sizes = cluster_sizes(num_items, num_clusters)
+    cluster = np.repeat(np.arange(num_clusters, dtype=np.int32), sizes)
+    rng.shuffle(cluster)
+    basis = None
+    if latent_dim > 0:
+        basis = rng.normal(0.0, 1.0, (latent_dim, dim)) / np.sqrt(latent_dim)
+    embeddings = np.zeros((num_items + 1, dim), np.float32)
+    chunk = 200_000
+    for start in range(0, num_items, chunk):
+        stop = min(start + chunk, num_items)
+        if basis is None:
+            noise_part = rng.normal(0.0, noise, (stop - start, dim)).astype(np.float32)
+        else:
+            latent = rng.normal(0.0, noise, (stop - start, latent_dim)) @ basis
+            extra = rng.normal(0.0, 0.1 * noise, (stop - start, dim))
+            noise_part = (latent + extra).astype(np.float32)
+        embeddings[1 + start : 1 + stop] = centroids[cluster[start:stop]] + noise_part
+    item_cluster = np.concatenate([[0], cluster]).astype(np.int32)
+    return {
+        "embeddings": embeddings,
+        "item_cluster": item_cluster,
+        "centroids": centroids,
+        "sizes": sizes,
+    }
+
+
+def item_ids(num_items: int) -> List[str]:
+    """Raw item ids of item_index 0..N-1."""
+    return [f"item{i}" for i in range(num_items)]
+
+
+def synthetic_histories(
+    item_cluster: np.ndarray,
+    sizes: np.ndarray,
+    count: int,
+    min_len: int,
+    max_len: int,
+    seed: int,
+) -> List[np.ndarray]:
+    """``count`` request histories ([1, n] raw-id object arrays) from 1-3 clusters each."""
+    rng = np.random.default_rng(seed + 1)
+    members = [np.flatnonzero(item_cluster[1:] == c) for c in range(len(sizes))]
+    weights = sizes / sizes.sum()
+    histories = []
+    for _ in range(count):
+        chosen = rng.choice(len(sizes), size=int(rng.integers(1, 4)), replace=False, p=weights)
+        length = int(rng.integers(min_len, max_len + 1))
+        picks = [members[int(rng.choice(chosen))] for _ in range(length)]
+        rows = np.array([int(m[rng.integers(len(m))]) for m in picks])
+        ids = np.array([f"item{r}".encode() for r in rows], dtype=object).reshape(1, -1)
+        histories.append(ids)
+    return histories
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def make_towers(data: Dict[str, np.ndarray], max_len: int, seed: int) -> Any:
+    """A ``SyntheticTowers`` instance (built lazily so that import stays TF-free)."""
+    import tensorflow as tf
+
+    from trainer.config import PAD_ID
+
+    class SyntheticTowers(tf.Module):
+        """Stand-in for ``trainer.model.RetrievalModel`` with the interface that
+        ``RetrievalModule`` uses (``candidate_embeddings``, ``user_embedding``, ``intent``).
+
+        ``e_uk = (mean history embedding * prompt_k) @ W + 0.5 centre_k`` (task K = no
+        cluster: no pull); ``p(k | u) = softmax(mean . centre_k / sqrt(d))``.
+        """
+
+        def __init__(self) -> None:
+            super().__init__(name="synthetic_towers")
+            rng = np.random.default_rng(seed + 2)
+            embeddings = data["embeddings"]
+            centroids = data["centroids"]
+            k, d = centroids.shape
+            self.variant = SimpleNamespace(merged=True, name="synthetic-dnc")
+            self.num_clusters = int(k)
+            self.num_items = int(embeddings.shape[0] - 1)
+            self.model_config = SimpleNamespace(max_len=int(max_len))
+            self.item_embeddings = tf.Variable(embeddings, trainable=False, name="items")
+            prompts = rng.normal(1.0, 0.1, (k + 1, d)).astype(np.float32)
+            self.prompts = tf.Variable(prompts, trainable=False, name="prompts")
+            pull = np.concatenate([0.5 * centroids, np.zeros((1, d), np.float32)])
+            self.pull = tf.Variable(pull, trainable=False, name="pull")
+            self.centroids = tf.Variable(centroids, trainable=False, name="centroids")
+            w = np.eye(d, dtype=np.float32) + rng.normal(0, 0.05, (d, d)).astype(np.float32)
+            self.w = tf.Variable(w, trainable=False, name="w")
+            self.scale = float(1.0 / np.sqrt(d))
+
+        def candidate_embeddings(self, ids: tf.Tensor) -> tf.Tensor:
+            """Item embeddings of model ids."""
+            return tf.gather(self.item_embeddings, ids)
+
+        def _pool(self, history: tf.Tensor) -> tf.Tensor:
+            history = tf.cast(history, tf.int32)
+            mask = tf.cast(tf.not_equal(history, PAD_ID), tf.float32)[..., None]
+            total = tf.reduce_sum(tf.gather(self.item_embeddings, history) * mask, axis=1)
+            return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+
+        def user_embedding(self, history: tf.Tensor, task: tf.Tensor, training=False):
+            """[B, max_len] history, [B] task -> [B, d]."""
+            del training
+            pooled = self._pool(history) * tf.gather(self.prompts, task)
+            return tf.matmul(pooled, self.w) + tf.gather(self.pull, task)
+
+        def intent(self, history: tf.Tensor, training=False) -> tf.Tensor:
+            """[B, max_len] history -> [B, K] intent probabilities."""
+            del training
+            logits = tf.matmul(self._pool(history), self.centroids, transpose_b=True)
+            return tf.nn.softmax(logits * self.scale, axis=-1)
+
+    return SyntheticTowers()
+
+
+def export_synthetic(
+    data: Dict[str, np.ndarray],
+    ids: Sequence[str],
+    index: str,
+    output: str,
+    args: argparse.Namespace,
+) -> Dict[str, Any]:
+    """Builds the ``RetrievalModule`` over ``data`` and saves it to ``output``.
+
+    Returns build / save seconds, the plans and the SavedModel size.
+    """
+    import tensorflow as tf
+
+    from preprocessing import features
+    from serving.retrieval_module import RetrievalModule, index_plan
+
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    vocab_path = os.path.join(os.path.dirname(os.path.dirname(output)), "vocab.txt")
+    if not os.path.exists(vocab_path):
+        with open(vocab_path, "w", encoding="utf-8") as f:
+            for raw, c in zip(ids, data["item_cluster"][1:], strict=True):
+                f.write(f"{raw}{features.VOCAB_DELIMITER}{int(c)}\n")
+    k = args.max_num_results + args.max_history
+    plans = [
+        index_plan(int(s), k, index, args.scann_min_size, args.leaves_fraction)
+        for s in data["sizes"]
+    ]
+    start = time.monotonic()
+    towers = make_towers(data, args.max_len, args.seed)
+    module = RetrievalModule(
+        towers,
+        vocab_path,
+        list(ids),
+        data["item_cluster"],
+        plans,
+        max_num_results=args.max_num_results,
+        default_num_results=args.num_results,
+        alpha=args.alpha,
+        max_history=args.max_history,
+    )
+    build_seconds = time.monotonic() - start
+    start = time.monotonic()
+    tf.saved_model.save(
+        module,
+        output,
+        signatures=module.signatures(),
+        options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
+    )
+    save_seconds = time.monotonic() - start
+    del module, towers
+    gc.collect()
+    size = sum(
+        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(output) for f in files
+    )
+    return {
+        "build_seconds": round(build_seconds, 2),
+        "save_seconds": round(save_seconds, 2),
+        "saved_model_mb": round(size / 2**20, 1),
+        "plans": plans,
+    }
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def summarize(latencies: Sequence[float], wall: float) -> Dict[str, Any]:
+    """p50 / p90 / p99 / mean (ms) and QPS of one phase."""
+    if not latencies:
+        return {"requests": 0}
+    ms = np.asarray(latencies) * 1000.0
+    return {
+        "requests": int(ms.size),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p90_ms": round(float(np.percentile(ms, 90)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+        "max_ms": round(float(ms.max()), 3),
+        "wall_seconds": round(wall, 3),
+        "qps": round(ms.size / wall, 1) if wall > 0 else None,
+    }
+
+
+def run_in_process(
+    path: str, histories: Sequence[np.ndarray], count: int, warmup: int, limit: float
+) -> Tuple[Dict[str, Any], List[List[bytes]]]:
+    """Latency of the loaded ``serving_default`` signature; returns stats and item lists."""
+    import tensorflow as tf
+
+    from serving.export import load_exported
+
+    start = time.monotonic()
+    loaded = load_exported(path)
+    load_seconds = time.monotonic() - start
+    fn = loaded.signatures["serving_default"]
+    for i in range(warmup):
+        fn(history=tf.constant(histories[i % len(histories)]))
+    latencies, lists = [], []
+    begin = time.monotonic()
+    for i in range(count):
+        if time.monotonic() - begin > limit:
+            break
+        t0 = time.perf_counter()
+        out = fn(history=tf.constant(histories[i % len(histories)]))
+        ids = out["item_ids"].numpy()
+        latencies.append(time.perf_counter() - t0)
+        if i < len(histories):
+            lists.append(ids[0].tolist())
+    stats = summarize(latencies, time.monotonic() - begin)
+    stats["load_seconds"] = round(load_seconds, 2)
+    del loaded, fn
+    gc.collect()
+    return stats, lists
+
+
+class ChildServer:
+    """``serving.server.Server`` in a child process (this script with ``--serve-child``).
+
+    The child prints ``PORT n`` once serving and stops when its stdin closes.
+    """
+
+    def __init__(self, base_path: str, name: str, timeout: float) -> None:
+        self.process = subprocess.Popen(  # noqa: S603
+            [sys.executable, os.path.abspath(__file__), _CHILD_FLAG, base_path, name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.port: Optional[int] = None
+        box: Dict[str, str] = {}
+
+        def read() -> None:
+            for line in self.process.stdout or ():
+                if line.startswith("PORT "):
+                    box["line"] = line
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if "line" not in box:
+            self.close()
+            raise RuntimeError(f"the model server did not start within {timeout:.0f} s")
+        self.port = int(box["line"].split()[1])
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Closes stdin (the stop signal) and waits; kills the child after ``timeout``."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def serve_child(base_path: str, name: str, max_seconds: float = 4 * 3600) -> int:
+    """Child entry: serves ``name`` from ``base_path`` until stdin closes."""
+    from serving.model_manager import ModelConfig
+    from serving.server import Server
+
+    server = Server(
+        [ModelConfig(name, base_path)],
+        "127.0.0.1",
+        grpc_port=0,
+        rest_port=None,
+        poll_wait_seconds=0,
+    )
+    server.start()
+    print(f"PORT {server.grpc_port}", flush=True)
+    done = threading.Event()
+
+    def wait_stdin() -> None:
+        sys.stdin.read()
+        done.set()
+
+    threading.Thread(target=wait_stdin, daemon=True).start()
+    done.wait(max_seconds)
+    server.stop()
+    return 0
+
+
+def run_sequential(
+    target: str, name: str, histories: Sequence[np.ndarray], count: int, warmup: int, limit: float
+) -> Tuple[Dict[str, Any], List[List[bytes]]]:
+    """One request at a time over gRPC; returns stats and the item lists."""
+    from serving.client import PredictClient
+
+    latencies, lists = [], []
+    with PredictClient(target, name, timeout=60) as client:
+        for i in range(warmup):
+            client.predict({"history": histories[i % len(histories)]})
+        begin = time.monotonic()
+        for i in range(count):
+            if time.monotonic() - begin > limit:
+                break
+            t0 = time.perf_counter()
+            out = client.predict({"history": histories[i % len(histories)]})
+            latencies.append(time.perf_counter() - t0)
+            if i < len(histories):
+                lists.append(out["item_ids"][0].tolist())
+    return summarize(latencies, time.monotonic() - begin), lists
+
+
+def run_concurrent(
+    target: str,
+    name: str,
+    histories: Sequence[np.ndarray],
+    clients: int,
+    per_client: int,
+    limit: float,
+) -> Dict[str, Any]:
+    """``clients`` threads, each with its own channel and stub, ``per_client`` requests."""
+    from serving.client import PredictClient
+
+    stubs = [PredictClient(target, name, timeout=60) for _ in range(clients)]
+    for stub in stubs:  # connect + warm up every channel
+        stub.predict({"history": histories[0]})
+    results: List[List[float]] = [[] for _ in range(clients)]
+    errors: List[str] = []
+    barrier = threading.Barrier(clients + 1)
+    deadline: Dict[str, float] = {}
+
+    def worker(c: int) -> None:
+        barrier.wait()
+        try:
+            for i in range(per_client):
+                if time.monotonic() > deadline["t"]:
+                    break
+                history = histories[(c * 37 + i) % len(histories)]
+                t0 = time.perf_counter()
+                stubs[c].predict({"history": history})
+                results[c].append(time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001  (reported, not fatal)
+            errors.append(f"client {c}: {e!r}")
+
+    threads = [threading.Thread(target=worker, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    deadline["t"] = time.monotonic() + limit
+    begin = time.monotonic()
+    barrier.wait()
+    for t in threads:
+        t.join(limit + 120)
+    wall = time.monotonic() - begin
+    for stub in stubs:
+        stub.close()
+    stats = summarize([x for r in results for x in r], wall)
+    stats["clients"] = clients
+    if errors:
+        stats["errors"] = errors[:5]
+    return stats
+
+
+def recall(approx: Sequence[Sequence[bytes]], exact: Sequence[Sequence[bytes]]) -> float:
+    """Mean |approx ∩ exact| / |exact| over requests (padding ``b""`` ignored)."""
+    values = []
+    for a, e in zip(approx, exact, strict=False):
+        truth = {x for x in e if x}
+        if truth:
+            values.append(len(truth & {x for x in a if x}) / len(truth))
+    return round(float(np.mean(values)), 4) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def machine() -> Dict[str, Any]:
+    """CPU, platform and Python of this machine."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def versions() -> Dict[str, str]:
+    """Installed versions of the serving stack."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    """The Markdown table of a report."""
+    s = report["settings"]
+    latent = s.get("latent_dim") or 0
+    noise = f"in a {latent}-d subspace + 10% isotropic" if latent else "isotropic"
+    lines = [
+        "# Serving benchmark",
+        "",
+        f"Date {report['date']}; {report['machine']['cpus']} CPUs "
+        f"({report['machine']['cpu_model']}), load average at start "
+        f"{report['machine']['load_average_start']}, "
+        f"end {report['machine'].get('load_average_end')}."
+        " The machine was shared with another job: absolute figures are pessimistic.",
+        "",
+        f"Synthetic model: K={s['clusters']} clusters, d={s['dim']}, uneven cluster sizes, "
+        f"item noise std {s['noise']} ({noise}); "
+        f"`serving_default` (M={s['num_results']}), each index returns "
+        f"k = max_num_results + max_history = {s['max_num_results'] + s['max_history']} "
+        f"candidates; histories of {s['min_history']}-{s['max_history_len']} items.",
+        f"In-process / sequential gRPC: {s['sequential']} requests; concurrent: "
+        f"{s['concurrency']} clients x {s['per_client']} requests (each phase capped at "
+        f"{s['phase_seconds']} s). gRPC server: `serving.server.Server` in a child process.",
+        "",
+        "| items | index | build s | in-proc p50 | in-proc p99 | gRPC p50 | gRPC p99 | gRPC QPS "
+        f"| {s['concurrency']}-client p50 | {s['concurrency']}-client p99 "
+        f"| {s['concurrency']}-client QPS | recall@{s['num_results']} vs BF |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        ip, sq, cc = r.get("in_process", {}), r.get("sequential", {}), r.get("concurrent", {})
+        lines.append(
+            f"| {r['items']:,} | {r['index']} | {_fmt(r.get('build_seconds'))} "
+            f"| {_fmt(ip.get('p50_ms'))} | {_fmt(ip.get('p99_ms'))} "
+            f"| {_fmt(sq.get('p50_ms'))} | {_fmt(sq.get('p99_ms'))} | {_fmt(sq.get('qps'))} "
+            f"| {_fmt(cc.get('p50_ms'))} | {_fmt(cc.get('p99_ms'))} | {_fmt(cc.get('qps'))} "
+            f"| {_fmt(r.get('recall_vs_brute_force'))} |"
+        )
+    lines += [
+        "",
+        "Latencies in ms (client side for gRPC, including proto conversion). Recall: share "
+        "of the brute-force `serving_default` list that ScaNN returns for the same requests "
+        "(ScaNN plans of `index_plan` with `--leaves-fraction`; raise it to trade latency "
+        "for recall). Isotropic noise in d dimensions is a hard case for partition-based ANN; "
+        "`--latent-dim` concentrates it in a subspace, closer to learned embeddings.",
+        "",
+    ]
+    for target in report.get("targets", []):
+        lines.append(f"* {target}")
+    for note in report.get("notes", []):
+        lines.append(f"* {note}")
+    return "\n".join(lines) + "\n"
+
+
+def targets(results: List[Dict[str, Any]]) -> List[str]:
+    """The issue's targets (p99 < 10 ms with ScaNN at 1M items, >= 5x faster than BF)."""
+    by = {(r["items"], r["index"]): r for r in results}
+    out = []
+    largest = max((r["items"] for r in results), default=0)
+    size = 1_000_000 if (1_000_000, "scann") in by else largest
+    scann, brute = by.get((size, "scann")), by.get((size, "brute-force"))
+    if size != 1_000_000:
+        out.append("1M items not measured: the 1M targets are not verified.")
+    for phase in ("in_process", "sequential"):
+        p99 = (scann or {}).get(phase, {}).get("p99_ms")
+        if p99 is not None:
+            verdict = "reached" if p99 < 10 else "NOT reached"
+            out.append(f"Target p99 < 10 ms (ScaNN, {size:,} items, {phase}): {p99} ms, {verdict}.")
+    if scann and brute:
+        for phase in ("in_process", "sequential", "concurrent"):
+            a, b = scann.get(phase, {}).get("p50_ms"), brute.get(phase, {}).get("p50_ms")
+            if a and b:
+                ratio = b / a
+                verdict = "reached" if ratio >= 5 else "NOT reached"
+                out.append(
+                    f"Target ScaNN >= 5x faster than brute force ({size:,} items, {phase}, "
+                    f"p50): {ratio:.1f}x, {verdict}."
+                )
+    return out
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command line of the benchmark."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", default="100000,1000000", help="comma-separated item counts")
+    p.add_argument("--indexes", default=",".join(INDEX_ORDER), help="brute-force,scann")
+    p.add_argument("--clusters", type=int, default=10)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--noise", type=float, default=1.0, help="item noise std around a centre")
+    p.add_argument(
+        "--latent-dim", type=int, default=0, help="noise subspace dimension (0: isotropic)"
+    )
+    p.add_argument("--num-results", type=int, default=50, help="M of serving_default")
+    p.add_argument("--max-num-results", type=int, default=200, help="as dnc export")
+    p.add_argument("--max-history", type=int, default=512, help="as dnc export")
+    p.add_argument("--max-len", type=int, default=50, help="tower history length")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--scann-min-size", type=int, default=1024)
+    p.add_argument("--leaves-fraction", type=float, default=0.1)
+    p.add_argument("--min-history", type=int, default=20)
+    p.add_argument("--max-history-len", type=int, default=50)
+    p.add_argument("--sequential", type=int, default=300, help="in-process / gRPC requests")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--per-client", type=int, default=150)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--phase-seconds", type=float, default=120.0, help="cap of every phase")
+    p.add_argument("--start-timeout", type=float, default=600.0, help="server start limit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="keep the SavedModels here (default: temp)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "serving"))
+    args = p.parse_args(argv)
+    args.size_list = [int(x) for x in args.sizes.split(",") if x.strip()]
+    args.index_list = [x.strip() for x in args.indexes.split(",") if x.strip()]
+    for kind in args.index_list:
+        if kind not in INDEX_ORDER:
+            p.error(f"unknown index {kind!r}")
+    return args
+
+
+def write(report: Dict[str, Any], out: str) -> None:
+    """Writes ``OUT.json`` and ``OUT.md``."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, sort_keys=True)
+        f.write("\n")
+    with open(out + ".md", "w", encoding="utf-8") as f:
+        f.write(markdown(report))
+
+
+def benchmark_size(size: int, args: argparse.Namespace, work: str, report: Dict[str, Any]) -> None:
+    """Measures every index kind at one corpus size; appends to ``report['results']``."""
+    print(f"[{size:,} items] generating data", flush=True)
+    data = synthetic_items(size, args.clusters, args.dim, args.noise, args.seed, args.latent_dim)
+    ids = item_ids(size)
+    histories = synthetic_histories(
+        data["item_cluster"],
+        data["sizes"],
+        args.sequential,
+        args.min_history,
+        args.max_history_len,
+        args.seed,
+    )
+    lists: Dict[str, List[List[bytes]]] = {}
+    for kind in args.index_list:
+        name = f"bench_{kind.replace('-', '_')}_{size}"
+        base = os.path.join(work, f"n{size}", name)
+        row: Dict[str, Any] = {
+            "items": size,
+            "index": kind,
+            "cluster_sizes": data["sizes"].tolist(),
+        }
+        print(f"[{size:,} items] {kind}: building and saving", flush=True)
+        row.update(export_synthetic(data, ids, kind, os.path.join(base, "1"), args))
+        print(f"[{size:,} items] {kind}: built in {row['build_seconds']} s", flush=True)
+        row["in_process"], lists_ip = run_in_process(
+            os.path.join(base, "1"), histories, args.sequential, args.warmup, args.phase_seconds
+        )
+        print(f"[{size:,} items] {kind}: in-process {row['in_process']}", flush=True)
+        server = ChildServer(base, name, args.start_timeout)
+        try:
+            target = f"127.0.0.1:{server.port}"
+            row["sequential"], lists_grpc = run_sequential(
+                target, name, histories, args.sequential, args.warmup, args.phase_seconds
+            )
+            print(f"[{size:,} items] {kind}: gRPC {row['sequential']}", flush=True)
+            row["concurrent"] = run_concurrent(
+                target, name, histories, args.concurrency, args.per_client, args.phase_seconds
+            )
+            print(f"[{size:,} items] {kind}: concurrent {row['concurrent']}", flush=True)
+        finally:
+            server.close()
+        row["grpc_matches_in_process"] = lists_grpc == lists_ip[: len(lists_grpc)]
+        lists[kind] = lists_ip
+        report["results"].append(row)
+        shutil.rmtree(base, ignore_errors=True)
+        gc.collect()
+    if "scann" in lists and "brute-force" in lists:
+        value = recall(lists["scann"], lists["brute-force"])
+        for row in report["results"]:
+            if row["items"] == size and row["index"] == "scann":
+                row["recall_vs_brute_force"] = value
+            if row["items"] == size and row["index"] == "brute-force":
+                row["recall_vs_brute_force"] = 1.0
+        print(f"[{size:,} items] recall@{args.num_results} ScaNN vs BF: {value}", flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the benchmark; returns the exit code."""
+    args = parse_args(argv)
+    import serving  # noqa: F401  (project packages before tensorflow)
+
+    report: Dict[str, Any] = {
+        "benchmark": "serving",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(),
+        "versions": versions(),
+        "settings": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("size_list", "index_list", "out", "workdir")
+        },
+        "model": (
+            "synthetic embeddings wrapped by serving.retrieval_module.RetrievalModule "
+            "(real vocabulary lookup, index_plan/build_index per cluster, quota merge); "
+            "stand-in towers: mean-pooled history x per-cluster prompt @ W + 0.5 centre_k, "
+            "intent = softmax(mean . centres / sqrt(d))"
+        ),
+        "results": [],
+        "notes": [],
+    }
+    work = args.workdir or tempfile.mkdtemp(prefix="dnc-serving-bench-")
+    started = time.monotonic()
+    try:
+        for size in args.size_list:
+            t0 = time.monotonic()
+            benchmark_size(size, args, work, report)
+            report["notes"].append(f"{size:,} items measured in {time.monotonic() - t0:.0f} s.")
+            report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+            report["targets"] = targets(report["results"])
+            write(report, args.out)  # partial results survive a later failure
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    report["total_seconds"] = round(time.monotonic() - started, 1)
+    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["targets"] = targets(report["results"])
+    write(report, args.out)
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == _CHILD_FLAG:
+        sys.exit(serve_child(sys.argv[2], sys.argv[3]))
+    sys.exit(main())
