@@ -101,12 +101,13 @@ def _evaluation(metrics: Dict[str, Any], out: str) -> List[str]:
         rows["pushed (baseline)"] = metrics["baseline"][key]
     lines = ["## Recall (validation split)", "", f"| model | {key} | clusters covered | entropy |"]
     lines.append("|---|---|---|---|")
+    def cell(value) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else ""
+
     for name, value in rows.items():
         v = variants.get(name, {})
-        lines.append(
-            f"| {name} | {value:.4f} | {v.get(f'clusters_covered@{m}', '')} "
-            f"| {v.get(f'entropy@{m}', '')} |"
-        )
+        covered, entropy = v.get(f"clusters_covered@{m}"), v.get(f"entropy@{m}")
+        lines.append(f"| {name} | {value:.4f} | {cell(covered)} | {cell(entropy)} |")
     png = _plot(
         os.path.join(out, "recall.png"),
         lambda ax: ax.bar(list(rows), list(rows.values())),
