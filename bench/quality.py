@@ -44,6 +44,7 @@ def _config(args, variant: str, output: str, **overrides):
         variant=variant,
         model=model,
         loss=args.loss,
+        training=args.training,
         num_negatives=args.num_negatives,
         mixed_ratio=args.mixed_ratio,
         epochs=args.epochs,
@@ -77,6 +78,7 @@ def run_variant(args, variant: str, work: str) -> Dict[str, Any]:
         "train_seconds": round(train_seconds, 1),
         "train_samples_per_second": round(statistics.median(rates), 1),
         "samples_per_epoch": result.samples_per_epoch,
+        "training": args.training,
         "history": result.history,
     }
 
@@ -123,14 +125,14 @@ def measure_throughput(args, variants, steps: int, rounds: int) -> Dict[str, Any
 
 def markdown(results: Dict[str, Dict[str, Any]], m_values, throughput, title: str) -> str:
     """The paper-shaped table."""
-    head = ["variant", "loss"]
+    head = ["variant", "loss", "training"]
     head += [f"R@{m}" for m in m_values]
     head += [f"within-cluster R@{m}" for m in m_values]
     head += [f"merge R@{m} (plain)" for m in m_values]
     head += ["intent top-1", "alpha", "epochs", "train samples/s"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, r in results.items():
-        row = [variant, r["loss"]]
+        row = [variant, r["loss"], r.get("training", "prefix")]
         row += [f"{r[f'recall@{m}']:.4f}" for m in m_values]
         row += [f"{r[f'within_cluster_recall@{m}']:.4f}" for m in m_values]
         row += [
@@ -171,7 +173,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=50)
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--loss", default="bce")
+    parser.add_argument("--loss", default="bce", help="bce, sampled-softmax or softmax")
+    parser.add_argument("--training", default="prefix", help="prefix or all-positions")
     parser.add_argument("--num-negatives", type=int, default=1)
     parser.add_argument("--mixed-ratio", type=float, default=0.5)
     parser.add_argument("--eval-users", type=int, default=2000)

@@ -10,7 +10,14 @@ import math
 import sys
 from typing import List, Optional
 
-from trainer.config import INTENT_ENCODERS, LOSSES, VARIANTS, ModelConfig, TrainConfig
+from trainer.config import (
+    INTENT_ENCODERS,
+    LOSSES,
+    TRAININGS,
+    VARIANTS,
+    ModelConfig,
+    TrainConfig,
+)
 
 log = logging.getLogger("dnc")
 
@@ -40,6 +47,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="model directory")
     p.add_argument("--variant", default=t.variant, choices=tuple(VARIANTS))
     p.add_argument("--loss", default=t.loss, choices=LOSSES)
+    p.add_argument(
+        "--training",
+        default=t.training,
+        choices=TRAININGS,
+        help="prefix: one sample per history prefix; all-positions: whole sequences",
+    )
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--learning-rate", type=float, default=t.learning_rate)
@@ -95,6 +108,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         variant=args.variant,
         model=model,
         loss=args.loss,
+        training=args.training,
         num_negatives=args.num_negatives,
         mixed_ratio=args.mixed_ratio,
         intent_weight=args.intent_weight,

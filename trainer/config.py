@@ -20,7 +20,8 @@ PAD_ID = 0
 
 CONDITIONINGS = ("none", "concat", "hadamard", "mmoe")
 SAMPLERS = ("global", "in_cluster", "mixed")
-LOSSES = ("bce", "sampled-softmax")
+LOSSES = ("bce", "sampled-softmax", "softmax")
+TRAININGS = ("prefix", "all-positions")
 INTENT_ENCODERS = ("pooled", "tower")
 
 
@@ -109,7 +110,13 @@ class TrainConfig:
         output: model directory (checkpoints, logs, final weights).
         variant: ``--variant`` name.
         model: architecture.
-        loss: ``bce`` (the paper) or ``sampled-softmax``.
+        loss: ``bce`` (the paper), ``sampled-softmax`` (positive + sampled negatives,
+            log-Q corrected) or ``softmax`` (full softmax: over all items for global
+            variants, over the target's cluster only for in-cluster (``dnc-*``) variants).
+        training: ``prefix`` (one sample per (history prefix, next item), the paper's
+            unit) or ``all-positions`` (SASRec-style: one causal pass per training
+            sequence window gives an output at every position, each predicting the next
+            item; ``batch_size`` then counts sequences, see ``trainer.data``).
         num_negatives: negatives per positive.
         mixed_ratio: share of in-cluster negatives for the ``mixed`` sampler.
         intent_weight: weight of the intent cross-entropy in the loss.
@@ -132,6 +139,7 @@ class TrainConfig:
     variant: str = "dnc"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: str = "bce"
+    training: str = "prefix"
     num_negatives: int = 1
     mixed_ratio: float = 0.5
     intent_weight: float = 0.1
@@ -150,6 +158,8 @@ class TrainConfig:
         get_variant(self.variant)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
+        if self.training not in TRAININGS:
+            raise ValueError(f"unknown training {self.training!r}; expected one of {TRAININGS}")
         for name in ("num_negatives", "epochs", "batch_size", "shuffle_buffer", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

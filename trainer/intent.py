@@ -46,5 +46,21 @@ class PooledHistoryEncoder(tf.keras.layers.Layer):
         pooled = tf.einsum("bl,bld->bd", weights, embeddings)
         return self.dense(pooled)
 
+    def call_all_positions(self, history: tf.Tensor, embeddings: tf.Tensor) -> tf.Tensor:
+        """Causal version of ``call``: [B, L, d], row ``j`` equals ``call`` on the history
+        cut after position ``j`` and right-aligned (the item ``j - i`` steps back sits in
+        column ``L - 1 - (j - i)``, so it gets that column's position logit)."""
+        length = tf.shape(history)[1]
+        j = tf.range(length)[:, None]
+        i = tf.range(length)[None, :]
+        causal = i <= j  # [L, L]
+        column = tf.clip_by_value(self.max_len - 1 - (j - i), 0, self.max_len - 1)
+        table = tf.gather(self.position_logits, column)  # [L, L]
+        mask = causal[None] & tf.not_equal(history, PAD_ID)[:, None, :]  # [B, L, L]
+        logits = tf.where(mask, table[None], tf.fill(tf.shape(mask), -1e9))
+        weights = tf.nn.softmax(logits, axis=-1) * tf.cast(mask, logits.dtype)
+        pooled = tf.einsum("bji,bid->bjd", weights, embeddings)
+        return self.dense(pooled)
+
     def get_config(self) -> Dict[str, Any]:
         return {**super().get_config(), "max_len": self.max_len, "dim": self.dim}

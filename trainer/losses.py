@@ -1,4 +1,5 @@
-"""Loss layers: sampled BCE (the paper / SASRec), sampled softmax with log-Q, intent CE.
+"""Loss layers: sampled BCE (the paper / SASRec), sampled softmax with log-Q, full softmax
+(optionally in-cluster), intent CE.
 
 Every layer returns the weighted mean over samples (``reduction="mean"``:
 ``sum(w * l) / max(sum(w), eps)``, ``w = 1`` without ``sample_weight``) or the
@@ -140,6 +141,46 @@ class SampledSoftmaxLoss(tf.keras.layers.Layer):
         config.update(
             use_log_q=self.use_log_q, temperature=self.temperature, reduction=self.reduction
         )
+        return config
+
+
+class FullSoftmaxLoss(tf.keras.layers.Layer):
+    """Softmax cross-entropy over a full candidate set, optionally restricted per sample.
+
+    Per sample: ``logsumexp(logits[allowed]) - logits[target]``. Entries outside
+    ``allowed`` are replaced by ``-inf`` (``tf.where``), so they neither enter the
+    normaliser nor receive any gradient. The in-cluster variants pass ``allowed =
+    (cluster(item) == cluster(target))``: the in-cluster analogue of Eq. 3, normalised
+    over the target's cluster only. ``allowed[b, target[b]]`` must be True.
+
+    Args:
+        reduction: ``mean`` over samples, or ``none`` for per-sample [B] losses.
+    """
+
+    def __init__(self, reduction: str = "mean", **kwargs) -> None:
+        super().__init__(**kwargs)
+        _check_reduction(reduction)
+        self.reduction = reduction
+
+    def call(
+        self,
+        logits: tf.Tensor,
+        target: tf.Tensor,
+        allowed: Optional[tf.Tensor] = None,
+        sample_weight: Optional[tf.Tensor] = None,
+    ) -> tf.Tensor:
+        """Args: logits [B, C], target [B] column ints, allowed [B, C] bool, sample_weight [B]."""
+        logits = tf.cast(logits, tf.float32)
+        if allowed is not None:
+            allowed = tf.broadcast_to(tf.cast(allowed, tf.bool), tf.shape(logits))
+            logits = tf.where(allowed, logits, tf.fill(tf.shape(logits), float("-inf")))
+        positive = tf.gather(logits, tf.cast(target, tf.int32), axis=1, batch_dims=1)
+        per_sample = tf.reduce_logsumexp(logits, axis=-1) - positive
+        return _reduce(per_sample, sample_weight, self.reduction)
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(reduction=self.reduction)
         return config
 
 

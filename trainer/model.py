@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
@@ -26,9 +27,15 @@ class RetrievalModel(tfrs.Model):
         num_items: N (model ids 1..N).
         num_clusters: K (tasks 0..K-1; K = no task).
         num_users: size of the user vocabulary (MF baseline).
-        loss: ``bce`` or ``sampled-softmax``.
+        loss: ``bce``, ``sampled-softmax`` or ``softmax`` (full softmax; over the
+            target's cluster only for in-cluster variants).
         intent_weight: weight of the intent cross-entropy.
         intent_encoder: ``pooled`` (cheap, default) or ``tower`` (Transformer, NO_TASK prompt).
+        item_cluster: [N + 1] cluster of each model item id (``-1`` for PAD_ID); needed by
+            the ``softmax`` loss of in-cluster variants.
+
+    ``compute_loss`` takes per-prefix batches (``data.training_dataset``: ``TARGET`` [B])
+    or all-position batches (``data.sequence_dataset``: ``TARGET`` [B, L] and ``MASK``).
     """
 
     def __init__(
@@ -41,6 +48,7 @@ class RetrievalModel(tfrs.Model):
         loss: str = "bce",
         intent_weight: float = 0.1,
         intent_encoder: str = "pooled",
+        item_cluster: Optional[np.ndarray] = None,
     ) -> None:
         super().__init__()
         if intent_encoder not in INTENT_ENCODERS:
@@ -66,8 +74,21 @@ class RetrievalModel(tfrs.Model):
             self.retrieval_loss = losses.SampledBinaryCrossEntropy()
         elif loss == "sampled-softmax":
             self.retrieval_loss = losses.SampledSoftmaxLoss()
+        elif loss == "softmax":
+            self.retrieval_loss = losses.FullSoftmaxLoss()
         else:
             raise ValueError(f"unknown loss {loss!r}")
+        self.in_cluster_softmax = loss == "softmax" and variant.sampler == "in_cluster"
+        self._item_cluster = None
+        if item_cluster is not None:
+            item_cluster = np.asarray(item_cluster, np.int32)
+            if item_cluster.shape != (num_items + 1,):
+                raise ValueError(
+                    f"item_cluster must have {num_items + 1} entries, got {item_cluster.shape}"
+                )
+            self._item_cluster = tf.constant(item_cluster)
+        if self.in_cluster_softmax and self._item_cluster is None:
+            raise ValueError("the in-cluster softmax loss needs item_cluster")
         self.intent_loss = losses.IntentLoss()
 
     @property
@@ -106,7 +127,93 @@ class RetrievalModel(tfrs.Model):
         """e_i for model item ids of any shape."""
         return self.item_tower(item_ids)
 
+    def sequence_user_embeddings(
+        self,
+        history: tf.Tensor,
+        target_cluster: tf.Tensor,
+        mask: tf.Tensor,
+        user: Optional[tf.Tensor] = None,
+        training: bool = False,
+    ) -> tf.Tensor:
+        """All-position user embeddings [B, L, d] for histories [B, L].
+
+        Output ``j`` predicts the item after position ``j`` and equals
+        ``user_embedding`` of the history cut after ``j`` with that target's task:
+        NO_TASK for unconditioned variants (one causal pass), else the target's
+        cluster ``target_cluster[b, j]``. For prompt variants the causal tower runs
+        once per (row, cluster) pair present among the row's unmasked targets, all
+        pairs in one batched call, and each position keeps the output of its own
+        target's prompt. Masked positions are zero.
+        """
+        if self.variant.user_tower == "mf":
+            if user is None:
+                raise ValueError("the mf variant needs user indices")
+            rep = self.user_tower(user)[:, None, :]
+            return rep * tf.cast(mask, rep.dtype)[..., None]
+        valid = tf.cast(mask, tf.bool)
+        if not self.conditioned:
+            task = tf.fill(tf.shape(history)[:1], self.num_clusters)
+            out = self.user_tower.encode_sequence(history, task, training=training)
+            return out * tf.cast(valid, out.dtype)[..., None]
+        target_cluster = tf.cast(target_cluster, tf.int32)
+        onehot = tf.equal(
+            target_cluster[:, :, None], tf.range(self.num_clusters, dtype=tf.int32)[None, None]
+        )  # [B, L, K]
+        present = tf.reduce_any(onehot & valid[..., None], axis=1)  # [B, K]
+        pairs = tf.cast(tf.where(present), tf.int32)  # [P, 2] (row, cluster)
+        rows, tasks = pairs[:, 0], pairs[:, 1]
+        out = self.user_tower.encode_sequence(
+            tf.gather(history, rows), tasks, training=training
+        )  # [P, L, d]
+        keep = tf.equal(tf.gather(target_cluster, rows), tasks[:, None]) & tf.gather(valid, rows)
+        out = out * tf.cast(keep, out.dtype)[..., None]
+        shape = tf.concat([tf.shape(history), tf.shape(out)[2:]], 0)
+        return tf.scatter_nd(rows[:, None], out, shape)
+
+    def sequence_intent(self, history: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """All-position intent p [B, L, K]: position ``j`` equals ``intent`` of the
+        history cut after ``j`` (causal pooling, or the NO_TASK causal tower)."""
+        isolate = tf.identity if self.variant.merged else tf.stop_gradient
+        if self.intent_encoder_kind == "tower" and self.variant.user_tower != "mf":
+            task = tf.fill(tf.shape(history)[:1], self.num_clusters)
+            rep = isolate(self.user_tower.encode_sequence(history, task, training=training))
+        else:
+            embeddings = isolate(self.item_embedding(history))
+            rep = self.intent_pooling.call_all_positions(history, embeddings)
+        return self.intent_head(rep)
+
+    def _retrieval_loss(
+        self,
+        user: tf.Tensor,
+        target: tf.Tensor,
+        target_cluster: tf.Tensor,
+        negatives: Optional[tf.Tensor],
+        valid: Optional[tf.Tensor],
+        log_q: Optional[tf.Tensor],
+    ) -> tf.Tensor:
+        """Mean retrieval loss of samples: user [S, d], target/target_cluster [S],
+        negatives/valid/log_q [S, N] (unused by ``softmax``)."""
+        if isinstance(self.retrieval_loss, losses.FullSoftmaxLoss):
+            candidates = self.candidate_embeddings(tf.range(self.num_items + 1))
+            logits = tf.matmul(user, candidates, transpose_b=True)  # [S, N + 1]
+            if self.in_cluster_softmax:
+                allowed = tf.equal(
+                    self._item_cluster[None, :], tf.cast(target_cluster, tf.int32)[:, None]
+                )  # PAD's cluster is -1: never allowed
+            else:
+                allowed = tf.range(self.num_items + 1)[None, :] > 0
+            return self.retrieval_loss(logits, target, allowed)
+        positive = self.candidate_embeddings(target)
+        negative_vectors = self.candidate_embeddings(negatives)
+        positive_logits = tf.reduce_sum(user * positive, axis=-1)
+        negative_logits = tf.einsum("bd,bnd->bn", user, negative_vectors)
+        if isinstance(self.retrieval_loss, losses.SampledSoftmaxLoss):
+            return self.retrieval_loss(positive_logits, negative_logits, valid=valid, log_q=log_q)
+        return self.retrieval_loss(positive_logits, negative_logits, valid=valid)
+
     def compute_loss(self, inputs: Dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        if data.MASK in inputs:
+            return self._all_positions_loss(inputs, training)
         history = inputs[data.HISTORY]
         target = inputs[data.TARGET]
         target_cluster = inputs[data.TARGET_CLUSTER]
@@ -115,18 +222,43 @@ class RetrievalModel(tfrs.Model):
         else:
             task = tf.fill(tf.shape(target), self.num_clusters)
         user = self.user_embedding(history, task, inputs.get(data.USER), training=training)
-        positive = self.candidate_embeddings(target)
-        negatives = self.candidate_embeddings(inputs[data.NEGATIVES])
-        positive_logits = tf.reduce_sum(user * positive, axis=-1)
-        negative_logits = tf.einsum("bd,bnd->bn", user, negatives)
-        valid = inputs[data.NEGATIVES_VALID]
-        if isinstance(self.retrieval_loss, losses.SampledSoftmaxLoss):
-            loss = self.retrieval_loss(
-                positive_logits, negative_logits, valid=valid, log_q=inputs[data.NEGATIVES_LOG_Q]
-            )
-        else:
-            loss = self.retrieval_loss(positive_logits, negative_logits, valid=valid)
+        loss = self._retrieval_loss(
+            user,
+            target,
+            target_cluster,
+            inputs.get(data.NEGATIVES),
+            inputs.get(data.NEGATIVES_VALID),
+            inputs.get(data.NEGATIVES_LOG_Q),
+        )
         if self.intent_weight > 0:
             intent = self.intent(history, training=training)
             loss += self.intent_weight * self.intent_loss(intent, target_cluster)
+        return loss
+
+    def _all_positions_loss(self, inputs: Dict[str, tf.Tensor], training: bool) -> tf.Tensor:
+        """Mean over the unmasked positions of all-position batches ([B, L] targets)."""
+        history = inputs[data.HISTORY]
+        target = inputs[data.TARGET]
+        target_cluster = inputs[data.TARGET_CLUSTER]
+        mask = inputs[data.MASK]
+        user = self.sequence_user_embeddings(
+            history, target_cluster, mask, inputs.get(data.USER), training=training
+        )
+        # Only the real (history, target) positions enter the loss.
+        where = tf.where(tf.cast(mask, tf.bool))  # [S, 2]
+
+        def pick(x):
+            return None if x is None else tf.gather_nd(x, where)
+
+        loss = self._retrieval_loss(
+            pick(user),
+            pick(target),
+            pick(target_cluster),
+            pick(inputs.get(data.NEGATIVES)),
+            pick(inputs.get(data.NEGATIVES_VALID)),
+            pick(inputs.get(data.NEGATIVES_LOG_Q)),
+        )
+        if self.intent_weight > 0:
+            intent = pick(self.sequence_intent(history, training=training))
+            loss += self.intent_weight * self.intent_loss(intent, pick(target_cluster))
         return loss

@@ -93,7 +93,8 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         item_cluster: cluster of each model item id.
         m_values: list sizes.
         merged: evaluate through the per-cluster merge.
-        samples_per_step: batch size (for throughput).
+        samples_per_step: targets predicted per step (for throughput): the batch size, or
+            for all-position training the batch size times the mean targets per window.
     """
 
     def __init__(
@@ -102,7 +103,7 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         item_cluster: np.ndarray,
         m_values: Tuple[int, ...],
         merged: bool,
-        samples_per_step: int,
+        samples_per_step: float,
     ):
         super().__init__()
         self.eval_data = eval_data
@@ -153,16 +154,27 @@ def build_model(config: TrainConfig, items: data.ItemsTable) -> RetrievalModel:
         loss=config.loss,
         intent_weight=config.intent_weight,
         intent_encoder=config.intent_encoder,
+        item_cluster=items.item_cluster,
     )
 
 
 def make_dataset(config: TrainConfig, items: data.ItemsTable) -> tf.data.Dataset:
-    """The endless training batches of ``config``, with the variant's negatives."""
+    """The endless training batches of ``config``, with the variant's negatives.
+
+    Per-prefix (``data.training_dataset``) or all-position (``data.sequence_dataset``)
+    batches after ``config.training``; the full ``softmax`` loss needs no negatives.
+    """
     table = ClusterTable(items.item_cluster[1:], items.num_clusters)
-    sampler = NegativeSampler(
-        table, mode=get_variant(config.variant).sampler, ratio=config.mixed_ratio, seed=config.seed
-    )
-    return data.training_dataset(
+    sampler = None
+    if config.loss != "softmax":
+        sampler = NegativeSampler(
+            table,
+            mode=get_variant(config.variant).sampler,
+            ratio=config.mixed_ratio,
+            seed=config.seed,
+        )
+    build = data.sequence_dataset if config.training == "all-positions" else data.training_dataset
+    return build(
         config.data,
         config.model.max_len,
         config.batch_size,
@@ -173,7 +185,9 @@ def make_dataset(config: TrainConfig, items: data.ItemsTable) -> tf.data.Dataset
     )
 
 
-def _callbacks(config: TrainConfig, items: data.ItemsTable) -> List[tf.keras.callbacks.Callback]:
+def _callbacks(
+    config: TrainConfig, items: data.ItemsTable, samples_per_step: Optional[float] = None
+) -> List[tf.keras.callbacks.Callback]:
     validation = data.evaluation_data(
         config.data,
         features.VALIDATION,
@@ -188,7 +202,7 @@ def _callbacks(config: TrainConfig, items: data.ItemsTable) -> List[tf.keras.cal
             items.item_cluster,
             config.eval_m,
             get_variant(config.variant).merged,
-            config.batch_size,
+            config.batch_size if samples_per_step is None else samples_per_step,
         ),
         tf.keras.callbacks.BackupAndRestore(os.path.join(config.output, "backup")),
         tf.keras.callbacks.EarlyStopping(
@@ -208,12 +222,18 @@ def train(
     tf.keras.utils.set_random_seed(config.seed)
     items = data.load_items(config.data)
     samples = data.count_training_samples(config.data)
-    if samples < config.batch_size:
+    units, samples_per_step, noun = samples, float(config.batch_size), "samples"
+    if config.training == "all-positions":
+        # batch_size counts sequence windows; samples/s counts predicted targets.
+        units = data.count_training_windows(config.data, config.model.max_len)
+        samples_per_step = config.batch_size * samples / max(units, 1)
+        noun = "windows"
+    if units < config.batch_size:
         raise ValueError(
-            f"{config.data} has {samples} training samples, fewer than one batch "
+            f"{config.data} has {units} training {noun}, fewer than one batch "
             f"({config.batch_size}); lower --batch-size"
         )
-    steps = config.steps_per_epoch or math.ceil(samples / config.batch_size)
+    steps = config.steps_per_epoch or math.ceil(units / config.batch_size)
     strategy = strategy or tf.distribute.get_strategy()
     dataset = make_dataset(config, items)
     with strategy.scope():
@@ -227,7 +247,7 @@ def train(
         config.batch_size,
         type(strategy).__name__,
     )
-    callbacks = _callbacks(config, items) + list(extra_callbacks or [])
+    callbacks = _callbacks(config, items, samples_per_step) + list(extra_callbacks or [])
     fit = model.fit(
         dataset, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=verbose
     )

@@ -152,3 +152,32 @@ def test_evaluation_data_holds_out_the_last_item(tiny_data):
         assert ev.histories[i][-1] == validation.targets[i]
     with pytest.raises(ValueError, match="not train"):
         data.evaluation_data(tiny_data, "train", 10)
+
+
+@pytest.mark.parametrize("loss", ["bce", "sampled-softmax", "softmax"])
+@pytest.mark.parametrize("variant", ["sasrec", "dnc"])
+def test_all_position_training_runs_with_every_loss(tiny_data, tmp_path, variant, loss):
+    config = _config(
+        tiny_data,
+        tmp_path,
+        variant,
+        training="all-positions",
+        loss=loss,
+        steps_per_epoch=2,
+        batch_size=8,
+        eval_users=20,
+    )
+    (epoch,) = train(config, verbose=0).history
+    assert np.isfinite(epoch["loss"]) and epoch["loss"] > 0
+    assert epoch["samples_per_second"] > 0
+
+
+def test_all_position_windows_cover_every_target_once_per_epoch(tiny_data):
+    dataset = data.sequence_dataset(tiny_data, 10, batch_size=1, repeat=False, shuffle_buffer=10)
+    targets = []
+    for batch in dataset:
+        mask = batch[data.MASK].numpy()[0] > 0
+        targets += batch[data.TARGET].numpy()[0][mask].tolist()
+        assert batch[data.NEGATIVES].shape == (1, 10, 1) if data.NEGATIVES in batch else True
+    assert len(targets) == data.count_training_samples(tiny_data)
+    assert data.count_training_windows(tiny_data, 10) == len(list(dataset))

@@ -1,0 +1,129 @@
+"""Benchmark: training throughput of all-position vs per-prefix training, one run.
+
+For ``sasrec`` and ``dnc`` (bce loss unless ``--loss``), builds the per-prefix and the
+all-position trainers (``trainer.train.make_dataset`` / ``build_model``), warms them
+up, then times interleaved rounds of ``--steps`` training steps each. Samples/second
+counts targets predicted per second: per-prefix, ``batch_size`` per step; all-position,
+the non-pad targets of the batches actually consumed (read from the same batches,
+which are pulled here and fed to the compiled train step). Writes ``OUT``.
+
+    .venv/bin/python bench/allpos.py --data runs/bench-synthetic \
+        --out bench/results/allpos.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Dict
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+sys.path.insert(0, ROOT)
+
+import dnc_env  # noqa: E402,F401
+
+PYTORCH_REFERENCE = 1000.0  # samples/s of the PyTorch SASRec quoted in issue 7
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--variants", default="sasrec,dnc")
+    parser.add_argument("--loss", default="bce")
+    parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--dim", type=int, default=50)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--batch-size", type=int, default=128, help="per-prefix samples/step")
+    parser.add_argument("--sequences", type=int, default=128, help="all-position windows/step")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    from trainer import data
+    from trainer.config import ModelConfig, TrainConfig
+    from trainer.train import build_model, make_dataset
+
+    items = data.load_items(args.data)
+    model_config = ModelConfig(
+        embedding_dim=args.dim, max_len=args.max_len, num_blocks=args.blocks, dropout=args.dropout
+    )
+    runs, timings, targets_seen = {}, {}, {}
+    for variant in args.variants.split(","):
+        for training, batch in (("prefix", args.batch_size), ("all-positions", args.sequences)):
+            config = TrainConfig(
+                data=args.data,
+                output="",
+                variant=variant,
+                model=model_config,
+                loss=args.loss,
+                training=training,
+                batch_size=batch,
+                seed=args.seed,
+            )
+            tf.keras.utils.set_random_seed(config.seed)
+            model = build_model(config, items)
+            model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
+            iterator = iter(make_dataset(config, items))
+
+            @tf.function(reduce_retracing=True)
+            def step(batch, model=model):
+                return model.train_step(batch)
+
+            for _ in range(3):  # trace + warm up
+                step(next(iterator))
+            key = f"{variant}/{training}"
+            runs[key] = (step, iterator, training, batch)
+            timings[key], targets_seen[key] = [], []
+            print(f"ready {key}", flush=True)
+    for r in range(args.rounds):
+        for key, (step, iterator, training, batch_size) in runs.items():
+            batches = [next(iterator) for _ in range(args.steps)]  # input not timed
+            if training == "prefix":
+                count = args.steps * batch_size
+            else:
+                count = int(sum(float(tf.reduce_sum(b[data.MASK])) for b in batches))
+            start = time.perf_counter()
+            for b in batches:
+                logs = step(b)
+            float(logs["loss"])
+            rate = count / (time.perf_counter() - start)
+            timings[key].append(rate)
+            targets_seen[key].append(count / args.steps)
+            print(f"round {r} {key}: {rate:,.0f} samples/s", flush=True)
+    rates = {k: round(statistics.median(v), 1) for k, v in timings.items()}
+    variants = args.variants.split(",")
+    report: Dict[str, Any] = {
+        "benchmark": "allpos-throughput",
+        "data": args.data,
+        "samples_per_second": rates,
+        "rounds": {k: [round(x, 1) for x in v] for k, v in timings.items()},
+        "targets_per_step": {k: round(statistics.mean(v), 1) for k, v in targets_seen.items()},
+        "ratio_all_positions_over_prefix": {
+            v: round(rates[f"{v}/all-positions"] / rates[f"{v}/prefix"], 2) for v in variants
+        },
+        "ratio_all_positions_over_pytorch_reference": {
+            v: round(rates[f"{v}/all-positions"] / PYTORCH_REFERENCE, 2) for v in variants
+        },
+        "note": "input pipeline excluded from timing (batches pulled before each round)",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2, sort_keys=True)
+    print(json.dumps({k: report[k] for k in list(report)[:6]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""All-position training: windows, per-position outputs == per-prefix outputs, full softmax."""
+
+import numpy as np
+import pytest
+import tensorflow as tf  # conftest imports dnc_env first
+
+from trainer import data
+from trainer.config import VARIANTS, ModelConfig
+from trainer.losses import FullSoftmaxLoss
+from trainer.model import RetrievalModel
+
+N, K, L = 30, 3, 6
+RNG = np.random.default_rng(0)
+ITEM_CLUSTER = np.concatenate([[-1], RNG.integers(0, K, size=N)]).astype(np.int32)
+SMALL = ModelConfig(embedding_dim=8, max_len=L, num_blocks=2, num_heads=2, dropout=0.0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, L + 1, L + 2, 3 * L + 4])
+def test_windows_cover_every_target_once_with_its_causal_history(n):
+    items = np.arange(1, n + 1, dtype=np.int32) * 3 % 97 + 1
+    clusters = items % K
+    w = {k: v.numpy() for k, v in data.sequence_windows(items, clusters, L).items()}
+    mask = w[data.MASK].astype(bool)
+    targets = w[data.TARGET][mask]
+    assert sorted(targets.tolist()) == sorted(items[1:].tolist())
+    assert (w[data.TARGET_CLUSTER][mask] == targets % K).all()
+    assert (w[data.TARGET][~mask] == 0).all()
+    prefixes = data.prefix_windows(items, L).numpy()
+    for r, j in zip(*np.nonzero(mask), strict=True):
+        t = int(np.nonzero(items == w[data.TARGET][r, j])[0][0])
+        seen = w[data.HISTORY][r, : j + 1]
+        seen = seen[seen != 0]
+        np.testing.assert_array_equal(seen, items[t - len(seen) : t])  # causal, contiguous
+        if n <= L + 1 or (r == 0 and j == L - 1):  # exactly the per-prefix history
+            np.testing.assert_array_equal(seen, prefixes[t - 1][prefixes[t - 1] != 0])
+
+
+def _model(variant, loss="bce", intent_encoder="pooled"):
+    return RetrievalModel(
+        VARIANTS[variant],
+        SMALL,
+        num_items=N,
+        num_clusters=K,
+        num_users=5,
+        loss=loss,
+        intent_encoder=intent_encoder,
+        item_cluster=ITEM_CLUSTER,
+    )
+
+
+def _random_batch(b=5):
+    history = RNG.integers(1, N + 1, size=(b, L)).astype(np.int32)
+    for r, pad in enumerate([0, 2, L - 1, 1, 3][:b]):
+        history[r, :pad] = 0  # left padding
+    mask = (history != 0).astype(np.float32)
+    target_cluster = np.where(mask > 0, RNG.integers(0, K, size=(b, L)), 0).astype(np.int32)
+    return history, target_cluster, mask
+
+
+def _prefix(history_row, j):
+    """History cut after position j, right-aligned to L."""
+    out = np.zeros(L, np.int32)
+    out[L - 1 - j :] = history_row[: j + 1]
+    return out
+
+
+@pytest.mark.parametrize("variant", ["sasrec", "dnc-naive", "dnc", "dnc-concat", "dnc-mmoe"])
+def test_all_position_outputs_equal_per_prefix_outputs(variant):
+    model = _model(variant, intent_encoder="tower" if variant == "dnc-concat" else "pooled")
+    if VARIANTS[variant].conditioning == "hadamard":  # prompts start as ones: make them differ
+        prompts = model.user_tower.task_prompts
+        prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
+    history, target_cluster, mask = _random_batch()
+    got = model.sequence_user_embeddings(history, target_cluster, mask).numpy()
+    intent = model.sequence_intent(history).numpy()
+    rows, cols = np.nonzero(mask)
+    prefixes = np.stack([_prefix(history[r], j) for r, j in zip(rows, cols, strict=True)])
+    conditioned = VARIANTS[variant].conditioning != "none"
+    tasks = target_cluster[rows, cols] if conditioned else np.full(len(rows), K)
+    want = model.user_embedding(prefixes, tasks).numpy()
+    np.testing.assert_allclose(got[rows, cols], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got[mask == 0], 0.0)
+    np.testing.assert_allclose(
+        intent[rows, cols], model.intent(prefixes).numpy(), rtol=1e-4, atol=1e-6
+    )
+    if conditioned:  # the prompt really matters: another cluster gives another output
+        other = model.sequence_user_embeddings(history, (target_cluster + 1) % K, mask).numpy()
+        assert not np.allclose(other[rows, cols], got[rows, cols])
+
+
+def _log_softmax_over(logits, allowed, target):
+    z = np.where(allowed, logits, -np.inf)
+    return z[np.arange(len(target)), target] - np.logaddexp.reduce(z, axis=-1)
+
+
+def test_in_cluster_full_softmax_normalises_only_over_the_target_cluster():
+    b = 7
+    logits = tf.Variable(RNG.normal(size=(b, N + 1)).astype(np.float32))
+    target = RNG.integers(1, N + 1, size=b).astype(np.int32)
+    allowed = ITEM_CLUSTER[None, :] == ITEM_CLUSTER[target][:, None]
+    with tf.GradientTape() as tape:
+        loss = FullSoftmaxLoss()(logits, target, allowed)
+    grad = tape.gradient(loss, logits).numpy()
+    assert (grad[~allowed] == 0.0).all()  # exactly zero outside the target's cluster
+    assert (np.abs(grad[allowed]) > 0).all()
+    ref = -_log_softmax_over(logits.numpy(), allowed, target)
+    np.testing.assert_allclose(loss.numpy(), ref.mean(), rtol=1e-5)
+    per = FullSoftmaxLoss(reduction="none")(logits, target, allowed).numpy()
+    np.testing.assert_allclose(per, ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant,in_cluster", [("dnc", True), ("sasrec", False)])
+def test_model_softmax_loss_scope(variant, in_cluster):
+    model = _model(variant, loss="softmax")
+    s = 9
+    user = tf.constant(RNG.normal(size=(s, SMALL.embedding_dim)).astype(np.float32))
+    target = RNG.integers(1, N + 1, size=s).astype(np.int32)
+    cluster = ITEM_CLUSTER[target]
+    table = model.item_embedding.embeddings
+    with tf.GradientTape() as tape:
+        loss = model._retrieval_loss(user, target, cluster, None, None, None)
+    grad = tf.convert_to_tensor(tape.gradient(loss, table)).numpy()
+    logits = user.numpy() @ table.numpy().T
+    if in_cluster:
+        allowed = ITEM_CLUSTER[None, :] == cluster[:, None]
+    else:
+        allowed = np.broadcast_to(np.arange(N + 1)[None, :] > 0, logits.shape)
+    ref = -_log_softmax_over(logits, allowed, target).mean()
+    np.testing.assert_allclose(loss.numpy(), ref, rtol=1e-5)
+    touched = np.abs(grad).sum(-1) > 0
+    assert not touched[0]  # PAD never enters the softmax
+    if in_cluster:
+        np.testing.assert_array_equal(touched[1:], np.isin(ITEM_CLUSTER[1:], cluster))
