@@ -101,6 +101,7 @@ def _evaluation(metrics: Dict[str, Any], out: str) -> List[str]:
         rows["pushed (baseline)"] = metrics["baseline"][key]
     lines = ["## Recall (validation split)", "", f"| model | {key} | clusters covered | entropy |"]
     lines.append("|---|---|---|---|")
+
     def cell(value) -> str:
         return f"{value:.3f}" if isinstance(value, float) else ""
 
