@@ -165,19 +165,33 @@ def training_dataset(
         seed: seed of shuffling and negative sampling.
         repeat: repeat forever (use ``steps_per_epoch``).
     """
+    return _batched_examples(
+        data_dir,
+        lambda r: _expand_user(r, max_len),
+        lambda b, s: _add_negatives(b, s, sampler, num_negatives),
+        sampler is not None,
+        batch_size,
+        shuffle_buffer,
+        seed,
+        repeat,
+    )
+
+
+def _batched_examples(
+    data_dir, expand, add_negatives, with_negatives, batch_size, shuffle_buffer, seed, repeat
+) -> tf.data.Dataset:
+    """Train users -> shuffled examples (``expand``) -> batches (+ ``add_negatives``)."""
     users = read_split(data_dir, features.TRAIN).cache()
     users = users.shuffle(100_000, seed=seed, reshuffle_each_iteration=True)
-    samples = users.flat_map(lambda r: _expand_user(r, max_len))
-    samples = samples.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
+    examples = users.flat_map(expand)
+    examples = examples.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
     if repeat:
-        samples = samples.repeat()
-    batches = samples.batch(batch_size, drop_remainder=True)
-    if sampler is not None:
+        examples = examples.repeat()
+    batches = examples.batch(batch_size, drop_remainder=True)
+    if with_negatives:
         seeds = tf.data.Dataset.random(seed=seed + 2).batch(2)
         batches = tf.data.Dataset.zip((batches, seeds)).map(
-            lambda b, s: _add_negatives(b, s, sampler, num_negatives),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
+            add_negatives, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
         )
     return batches.prefetch(tf.data.AUTOTUNE)
 
@@ -251,23 +265,16 @@ def sequence_dataset(
     when it equals the position's target or any item of the window's inputs.
     Arguments as in ``training_dataset``.
     """
-    users = read_split(data_dir, features.TRAIN).cache()
-    users = users.shuffle(100_000, seed=seed, reshuffle_each_iteration=True)
-    windows = users.flat_map(lambda r: _expand_user_sequences(r, max_len))
-    windows = windows.shuffle(
-        min(shuffle_buffer, 20_000), seed=seed + 1, reshuffle_each_iteration=True
+    return _batched_examples(
+        data_dir,
+        lambda r: _expand_user_sequences(r, max_len),
+        lambda b, s: _add_sequence_negatives(b, s, sampler, num_negatives, max_len),
+        sampler is not None,
+        batch_size,
+        min(shuffle_buffer, 20_000),
+        seed,
+        repeat,
     )
-    if repeat:
-        windows = windows.repeat()
-    batches = windows.batch(batch_size, drop_remainder=True)
-    if sampler is not None:
-        seeds = tf.data.Dataset.random(seed=seed + 2).batch(2)
-        batches = tf.data.Dataset.zip((batches, seeds)).map(
-            lambda b, s: _add_sequence_negatives(b, s, sampler, num_negatives, max_len),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 def _add_sequence_negatives(batch, seed, sampler, num_negatives, max_len):
