@@ -47,6 +47,7 @@ def _config(args, variant: str, output: str, **overrides):
         training=args.training,
         num_negatives=args.num_negatives,
         mixed_ratio=args.mixed_ratio,
+        intent_weight=args.intent_weight,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -177,6 +178,7 @@ def main() -> None:
     parser.add_argument("--training", default="prefix", help="prefix or all-positions")
     parser.add_argument("--num-negatives", type=int, default=1)
     parser.add_argument("--mixed-ratio", type=float, default=0.5)
+    parser.add_argument("--intent-weight", type=float, default=0.1)
     parser.add_argument("--eval-users", type=int, default=2000)
     parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42)
