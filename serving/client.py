@@ -45,7 +45,27 @@ def _retrieve_inputs(
     return inputs
 
 
-class PredictClient:
+class _Retrieving:
+    """``retrieve`` on top of a client's ``predict(inputs, signature)``."""
+
+    signature_name: str
+
+    def predict(self, inputs: Mapping[str, Any], signature: Optional[str] = None):
+        raise NotImplementedError
+
+    def retrieve(
+        self,
+        history: Sequence[str],
+        num_results: Optional[int] = None,
+        alpha: Optional[float] = None,
+    ) -> Dict[str, np.ndarray]:
+        """Retrieves items for one history (``retrieve`` signature if M or alpha is given)."""
+        inputs = _retrieve_inputs(history, num_results, alpha)
+        signature = RETRIEVE_SIGNATURE if len(inputs) > 1 else self.signature_name
+        return self.predict(inputs, signature)
+
+
+class PredictClient(_Retrieving):
     """gRPC client of ``tensorflow.serving.PredictionService`` for one model.
 
     Args:
@@ -102,17 +122,6 @@ class PredictClient:
         response = self._stub.Predict(request, timeout=self.timeout)
         return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
 
-    def retrieve(
-        self,
-        history: Sequence[str],
-        num_results: Optional[int] = None,
-        alpha: Optional[float] = None,
-    ) -> Dict[str, np.ndarray]:
-        """Retrieves items for one history (``retrieve`` signature if M or alpha is given)."""
-        inputs = _retrieve_inputs(history, num_results, alpha)
-        signature = RETRIEVE_SIGNATURE if len(inputs) > 1 else self.signature_name
-        return self.predict(inputs, signature)
-
     def metadata(self) -> Any:
         """Returns the ``GetModelMetadataResponse`` (signature_def) of the model."""
         from tensorflow_serving.apis import get_model_metadata_pb2
@@ -165,7 +174,7 @@ def _to_array(value: Any) -> np.ndarray:
     return array
 
 
-class RestClient:
+class RestClient(_Retrieving):
     """REST client of the ``/v1/models`` API (columnar ``inputs`` format), same methods.
 
     Raises ``RuntimeError`` with the server's ``error`` message on an HTTP error.
@@ -230,17 +239,6 @@ class RestClient:
             sigs = self.metadata()["metadata"]["signature_def"]["signature_def"]
             self._output_names[signature] = sorted(sigs[signature]["outputs"])
         return self._output_names[signature]
-
-    def retrieve(
-        self,
-        history: Sequence[str],
-        num_results: Optional[int] = None,
-        alpha: Optional[float] = None,
-    ) -> Dict[str, np.ndarray]:
-        """Same as :meth:`PredictClient.retrieve` over REST."""
-        inputs = _retrieve_inputs(history, num_results, alpha)
-        signature = RETRIEVE_SIGNATURE if len(inputs) > 1 else self.signature_name
-        return self.predict(inputs, signature)
 
 
 def add_query_arguments(parser: argparse.ArgumentParser) -> None:
