@@ -113,6 +113,7 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         self.samples_per_step = samples_per_step
         self._start = 0.0
         self._steps = 0
+        self._scorer: Optional[ModelScorer] = None
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         self._start = time.perf_counter()
@@ -125,8 +126,10 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         elapsed = time.perf_counter() - self._start
         logs = logs if logs is not None else {}
         logs["samples_per_second"] = self._steps * self.samples_per_step / max(elapsed, 1e-9)
+        if self._scorer is None or self._scorer.model is not self.model:
+            self._scorer = ModelScorer(self.model)  # traced once, not every epoch
         result = evaluation.evaluate(
-            ModelScorer(self.model),
+            self._scorer,
             self.eval_data.histories,
             self.eval_data.targets,
             self.eval_data.exclude,
