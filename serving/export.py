@@ -48,6 +48,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from preprocessing import features, fileio
+from serving.model_config import METADATA_DIR, METADATA_FILE
 from serving.retrieval_module import INDEX_KINDS, RetrievalModule, check_alpha, index_plan
 from trainer import data, evaluation
 from trainer.config import get_variant
@@ -56,8 +57,6 @@ from trainer.train import MODEL_JSON, MODEL_SUBDIR, ModelScorer, load_model
 
 log = logging.getLogger(__name__)
 
-METADATA_DIR = "assets.extra"
-METADATA_FILE = "dnc_metadata.json"
 DEFAULT_MAX_HISTORY = 512
 _VERSION = re.compile(r"^[0-9]+$")
 

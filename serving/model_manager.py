@@ -15,142 +15,53 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import logging
 import os
-import re
 import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from serving.errors import Code, ServingError, invalid, not_found
+from serving.limits import (
+    Deadline,
+    RequestLimits,
+    check_history_lengths,
+    check_num_results,
+    clean_tf_message,
+)
+from serving.model_config import (
+    METADATA_DIR,
+    METADATA_FILE,
+    ModelConfig,
+    VersionPolicy,
+    parse_model_config_text,
+    parse_version_dir,
+    validate_model_name,
+)
+
+__all__ = [
+    "Code",
+    "LoadedVersion",
+    "ModelConfig",
+    "ModelManager",
+    "ServedModel",
+    "ServingError",
+    "VersionPolicy",
+    "invalid",
+    "not_found",
+    "parse_model_config_text",
+    "validate_model_name",
+]
+
 log = logging.getLogger("dnc.serving")
 
 DEFAULT_SIGNATURE = "serving_default"
 PREDICT_METHOD = "tensorflow/serving/predict"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-_VERSION_RE = re.compile(r"^[0-9]{1,18}$")
 
 Loader = Callable[[str], Any]
-
-
-class Code(enum.Enum):
-    """Transport-neutral error codes (mapped to gRPC status codes and HTTP statuses)."""
-
-    INVALID_ARGUMENT = "INVALID_ARGUMENT"
-    NOT_FOUND = "NOT_FOUND"
-    UNIMPLEMENTED = "UNIMPLEMENTED"
-    INTERNAL = "INTERNAL"
-
-
-class ServingError(Exception):
-    """A request error carrying a :class:`Code` and a client-facing message."""
-
-    def __init__(self, code: Code, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> ServingError:
-    """Returns an INVALID_ARGUMENT error."""
-    return ServingError(Code.INVALID_ARGUMENT, message)
-
-
-def not_found(message: str) -> ServingError:
-    """Returns a NOT_FOUND error."""
-    return ServingError(Code.NOT_FOUND, message)
-
-
-def validate_model_name(name: str) -> str:
-    """Checks a model name: ``[A-Za-z0-9_.-]``, no path separators, not ``.``/``..``.
-
-    Raises:
-        ValueError: for an empty, path-like or otherwise invalid name.
-    """
-    if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
-        raise ValueError(
-            f"invalid model name {name!r}: use 1-128 characters of [A-Za-z0-9_.-], not '.' or '..'"
-        )
-    if ".." in name:
-        raise ValueError(f"invalid model name {name!r}: '..' is not allowed")
-    return name
-
-
-@dataclasses.dataclass(frozen=True)
-class VersionPolicy:
-    """Which on-disk versions to serve (``latest`` N, ``all`` or ``specific`` versions)."""
-
-    kind: str = "latest"
-    num_versions: int = 1
-    versions: Tuple[int, ...] = ()
-
-    def select(self, candidates: Sequence[int]) -> List[int]:
-        """Returns the versions to serve among ``candidates`` (loadable on-disk versions)."""
-        ordered = sorted(set(candidates), reverse=True)
-        if self.kind == "all":
-            return ordered
-        if self.kind == "specific":
-            wanted = set(self.versions)
-            return [v for v in ordered if v in wanted]
-        return ordered[: max(1, self.num_versions)]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """One served model: a name and a base path holding integer version directories."""
-
-    name: str
-    base_path: str
-    version_labels: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    policy: VersionPolicy = dataclasses.field(default_factory=VersionPolicy)
-
-    def __post_init__(self) -> None:
-        validate_model_name(self.name)
-        if not self.base_path:
-            raise ValueError(f"model {self.name!r}: base_path is empty")
-        for label in self.version_labels:
-            validate_model_name(label)
-
-
-def parse_model_config_text(text: str) -> List[ModelConfig]:
-    """Parses a text-format ``tensorflow.serving.ModelServerConfig``.
-
-    Raises:
-        ValueError: for unparsable text, a custom model config, or invalid entries.
-    """
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
-
-    config = model_server_config_pb2.ModelServerConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as e:
-        raise ValueError(f"cannot parse the model config file: {e}") from e
-    if config.WhichOneof("config") == "custom_model_config":
-        raise ValueError("custom_model_config is not supported; use model_config_list")
-    models: List[ModelConfig] = []
-    for entry in config.model_config_list.config:
-        platform = entry.model_platform or "tensorflow"
-        if platform != "tensorflow":
-            raise ValueError(f"model {entry.name!r}: unsupported model_platform {platform!r}")
-        which = entry.model_version_policy.WhichOneof("policy_choice")
-        if which == "all":
-            policy = VersionPolicy("all")
-        elif which == "specific":
-            policy = VersionPolicy(
-                "specific", versions=tuple(entry.model_version_policy.specific.versions)
-            )
-        else:
-            n = entry.model_version_policy.latest.num_versions if which == "latest" else 1
-            policy = VersionPolicy("latest", num_versions=n or 1)
-        models.append(ModelConfig(entry.name, entry.base_path, dict(entry.version_labels), policy))
-    names = [m.name for m in models]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate model names in the config: {names}")
-    if not models:
-        raise ValueError("the model config lists no models")
-    return models
 
 
 def default_loader(path: str) -> Any:
@@ -236,6 +147,14 @@ class LoadedVersion:
         self.path = path
         self.obj = obj
         self.signatures = _signature_infos(obj)
+        self.max_num_results = _max_num_results(name, path)
+        self._runs = 0
+        self._runs_lock = threading.Lock()
+
+    @property
+    def runs(self) -> int:
+        """How many times a signature of this version has been called."""
+        return self._runs
 
     def signature(self, signature_name: str) -> SignatureInfo:
         """Returns a signature by name ("" means ``serving_default``).
@@ -257,16 +176,30 @@ class LoadedVersion:
         signature_name: str,
         inputs: Mapping[str, np.ndarray],
         output_filter: Sequence[str] = (),
-        max_elements: int = 0,
+        limits: Optional[RequestLimits] = None,
+        deadline: Optional[Deadline] = None,
     ) -> Dict[str, np.ndarray]:
-        """Validates ``inputs`` against the signature, calls it and returns numpy outputs.
+        """Validates ``inputs`` against the signature and the limits, calls it.
+
+        Args:
+            signature_name: "" for ``serving_default``.
+            inputs: input arrays by name.
+            output_filter: outputs to return (empty: all).
+            limits: resource bounds (default: :class:`RequestLimits`'s defaults).
+            deadline: checked before and after the call (a running call is not interrupted:
+                TensorFlow cannot cancel it, but a late answer is replaced by the error).
+
+        Returns:
+            numpy outputs by name.
 
         Raises:
-            ServingError: INVALID_ARGUMENT for bad inputs or model-raised argument errors,
-                NOT_FOUND for an unknown signature, INTERNAL for other failures.
+            ServingError: INVALID_ARGUMENT for bad inputs, exceeded bounds or model-raised
+                argument errors, NOT_FOUND for an unknown signature, DEADLINE_EXCEEDED,
+                INTERNAL for other failures.
         """
         import tensorflow as tf
 
+        limits = limits or RequestLimits()
         sig = self.signature(signature_name)
         missing = sorted(set(sig.inputs) - set(inputs))
         if missing:
@@ -284,20 +217,54 @@ class LoadedVersion:
         for key, array in inputs.items():
             check_input(sig.inputs[key], key, array)
             total += int(array.size)
-        if max_elements and total > max_elements:
-            raise invalid(f"request has {total} elements, more than the limit {max_elements}")
+        if total > limits.max_elements:
+            raise invalid(
+                f"request has {total} elements, more than the limit of {limits.max_elements} "
+                "(--max_request_elements)"
+            )
+        check_history_lengths(inputs, limits.max_history_length)
+        check_num_results(inputs, self.max_num_results)
+        if deadline is not None:
+            deadline.check("before running the model")
+        with self._runs_lock:
+            self._runs += 1
         try:
             tensors = {k: tf.constant(v, dtype=sig.inputs[k].dtype) for k, v in inputs.items()}
             result = sig.fn(**tensors)
         except (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
-            raise invalid(f"{type(e).__name__}: {e.message}") from e
-        except (TypeError, ValueError) as e:
+            raise invalid(f"rejected by the model: {clean_tf_message(e.message)}") from e
+        except (TypeError, ValueError, UnicodeError) as e:
             raise invalid(f"inputs rejected by signature {sig.name!r}: {e}") from e
+        except tf.errors.ResourceExhaustedError as e:
+            raise ServingError(
+                Code.RESOURCE_EXHAUSTED, f"out of resources: {clean_tf_message(e.message)}"
+            ) from e
         except tf.errors.OpError as e:
             log.exception("model %s v%d failed", self.name, self.version)
-            raise ServingError(Code.INTERNAL, f"{type(e).__name__}: {e.message}") from e
+            raise ServingError(
+                Code.INTERNAL, f"{type(e).__name__}: {clean_tf_message(e.message)}"
+            ) from e
+        if deadline is not None:
+            deadline.check("while running the model")
         wanted = set(output_filter) or set(result)
         return {k: v.numpy() for k, v in result.items() if k in wanted}
+
+
+def _max_num_results(name: str, path: str) -> Optional[int]:
+    """The ``max_num_results`` recorded in an export's metadata (None if absent)."""
+    metadata_path = os.path.join(path, METADATA_DIR, METADATA_FILE)
+    if not os.path.isfile(metadata_path):
+        return None
+    try:
+        with open(metadata_path, encoding="utf-8") as f:
+            value = json.load(f).get("max_num_results")
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("model %s: ignoring unreadable %s: %s", name, metadata_path, e)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        log.warning("model %s: ignoring max_num_results=%r in %s", name, value, metadata_path)
+        return None
+    return value
 
 
 class VersionState(enum.Enum):
@@ -351,7 +318,8 @@ class ServedModel:
             return {}
         versions: Dict[int, str] = {}
         for entry in entries:
-            if not _VERSION_RE.match(entry):
+            version = parse_version_dir(entry)
+            if version is None:
                 continue
             path = os.path.realpath(os.path.join(self._base, entry))
             if os.path.dirname(path) != self._base:
@@ -360,7 +328,7 @@ class ServedModel:
                 )
                 continue
             if os.path.isdir(path):
-                versions[int(entry)] = path
+                versions[version] = path
         return versions
 
     def _set_status(self, version: int, state: VersionState, error: str = "") -> None:

@@ -11,8 +11,10 @@ Routes (as TF Serving):
 Strings are UTF-8 JSON strings; binary values are ``{"b64": "..."}`` (inputs) and outputs
 whose name ends in ``_bytes`` or that are not valid UTF-8 are returned that way. Errors are
 ``{"error": "..."}`` with HTTP 400 (bad request), 404 (unknown model, version, signature,
-route), 413 (Content-Length over the limit, answered before reading the body), 501
-(classify/regress) or 500.
+route), 408 (the client stopped sending the body), 411 (no Content-Length and not chunked),
+413 (body over ``--max_request_bytes``: by Content-Length before reading anything, or while
+reading a chunked body), 501 (classify/regress), 503 (the model ran out of resources), 504
+(``--request_timeout_seconds`` exceeded) or 500.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from serving import grpc_service
+from serving.limits import Deadline, RequestLimits
 from serving.model_manager import (
     Code,
     LoadedVersion,
@@ -44,9 +47,16 @@ log = logging.getLogger("dnc.serving")
 HTTP_STATUS = {
     Code.INVALID_ARGUMENT: 400,
     Code.NOT_FOUND: 404,
+    Code.FAILED_PRECONDITION: 400,
+    Code.RESOURCE_EXHAUSTED: 503,
+    Code.DEADLINE_EXCEEDED: 504,
     Code.UNIMPLEMENTED: 501,
     Code.INTERNAL: 500,
 }
+MAX_JSON_DEPTH = 32  # nesting of a tensor value (rank) in a request body
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_VERSION = re.compile(r"[0-9]{1,18}")
 _ROUTE = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)"
     r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
@@ -54,14 +64,16 @@ _ROUTE = re.compile(
 )
 
 
-def _flatten(value: Any, where: str) -> Tuple[Tuple[int, ...], List[Any]]:
+def _flatten(value: Any, where: str, depth: int = 0) -> Tuple[Tuple[int, ...], List[Any]]:
     """Returns the shape of a rectangular nested JSON list and its leaves in order."""
+    if depth > MAX_JSON_DEPTH:
+        raise invalid(f"{where}: lists nested deeper than {MAX_JSON_DEPTH} levels")
     if isinstance(value, list):
         if not value:
             return (0,), []
         shapes, leaves = [], []
         for item in value:
-            shape, flat = _flatten(item, where)
+            shape, flat = _flatten(item, where, depth + 1)
             shapes.append(shape)
             leaves.extend(flat)
         if any(s != shapes[0] for s in shapes):
@@ -91,7 +103,10 @@ def json_to_ndarray(value: Any, spec: Any, where: str) -> np.ndarray:
         out = np.empty(len(leaves), dtype=object)
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, str):
-                out[i] = leaf.encode("utf-8")
+                try:
+                    out[i] = leaf.encode("utf-8")
+                except UnicodeEncodeError as e:  # lone surrogates such as "\ud800"
+                    raise invalid(f"{where}: string is not valid Unicode ({e.reason})") from e
             elif isinstance(leaf, bytes):
                 out[i] = leaf
             else:
@@ -208,19 +223,11 @@ class RestServer(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        manager: ModelManager,
-        max_request_bytes: int,
-        max_elements: int,
-    ) -> None:
+    def __init__(self, host: str, port: int, manager: ModelManager, limits: RequestLimits) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.manager = manager
-        self.max_request_bytes = max_request_bytes
-        self.max_elements = max_elements
+        self.limits = limits
         super().__init__((host, port), _Handler)
 
 
@@ -252,15 +259,16 @@ class _Handler(BaseHTTPRequestHandler):
         name = urllib.parse.unquote(match["name"])
         version = None
         if match["version"] is not None:
-            if not match["version"].isdigit() or len(match["version"]) > 18:
+            if not _VERSION.fullmatch(match["version"]):
                 raise invalid(f"invalid version {match['version']!r}: expects an integer")
             version = int(match["version"])
         label = urllib.parse.unquote(match["label"] or "")
         return name, version, label, match["suffix"] or ""
 
     def _handle(self, method: str) -> None:
+        deadline = self.server.limits.deadline()
         try:
-            body = self._read_json() if method == "POST" else {}
+            body = self._read_json(deadline) if method == "POST" else {}
             name, version, label, suffix = self._route()
             manager = self.server.manager
             if method == "GET" and suffix == "":
@@ -271,7 +279,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif method == "GET" and suffix == "/metadata":
                 self._send(200, self._metadata(manager.get(name, version, label)))
             elif method == "POST" and suffix == ":predict":
-                self._send(200, self._predict(manager.get(name, version, label), body))
+                loaded = manager.get(name, version, label)
+                self._send(200, self._predict(loaded, body, deadline))
             elif method == "POST" and suffix in (":classify", ":regress"):
                 raise ServingError(
                     Code.UNIMPLEMENTED, f"{suffix[1:]} is not supported; use predict"
@@ -281,8 +290,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ServingError as e:
             log.info("rest %s %s -> %s: %s", method, self.path, e.code.value, e.message)
             self._error(HTTP_STATUS[e.code], e.message)
-        except _TooLarge:
-            raise
+        except _HttpError as e:
+            log.info("rest %s %s -> %d: %s", method, self.path, e.status, e)
+            self._error(e.status, str(e))
+            self._lingering_close()
         except Exception as e:  # unexpected: HTTP 500 with the message, keep serving
             log.exception("rest %s %s failed", method, self.path)
             self._error(500, f"{type(e).__name__}: {e}")
@@ -297,15 +308,8 @@ class _Handler(BaseHTTPRequestHandler):
             "metadata": {"signature_def": _to_dict(grpc_service.signature_def_map(loaded))},
         }
 
-    def _read_json(self) -> Dict[str, Any]:
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise invalid("Content-Length is required")
-        if not length.strip().isdigit():
-            raise invalid(f"invalid Content-Length {length!r}")
-        if int(length) > self.server.max_request_bytes:
-            raise _TooLarge(int(length), self.server.max_request_bytes)
-        raw = self.rfile.read(int(length))
+    def _read_json(self, deadline: Deadline) -> Dict[str, Any]:
+        raw = self._read_body(deadline)
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -314,30 +318,131 @@ class _Handler(BaseHTTPRequestHandler):
             raise invalid("the body must be a JSON object")
         return body
 
-    def _predict(self, loaded: LoadedVersion, body: Mapping[str, Any]) -> Dict[str, Any]:
+    def _read_body(self, deadline: Deadline) -> bytes:
+        """Reads at most ``max_request_bytes`` of body (Content-Length or chunked).
+
+        Raises:
+            _HttpError: 400/411 for bad framing, 413 over the limit (by Content-Length
+                before reading anything), 408 when the client stops sending.
+            ServingError: DEADLINE_EXCEEDED when the request timeout passes meanwhile.
+        """
+        limit = self.server.limits.max_request_bytes
+        lengths = self.headers.get_all("Content-Length") or []
+        encoding = (self.headers.get("Transfer-Encoding") or "").strip().lower()
+        if encoding and lengths:
+            raise _HttpError(400, "send either Content-Length or Transfer-Encoding, not both")
+        if encoding:
+            if encoding != "chunked":
+                raise _HttpError(400, f"unsupported Transfer-Encoding {encoding!r}")
+            return self._read_chunked(limit, deadline)
+        if not lengths:
+            raise _HttpError(411, "Content-Length (or Transfer-Encoding: chunked) is required")
+        if len(set(lengths)) != 1 or not _CONTENT_LENGTH.fullmatch(lengths[0].strip()):
+            raise _HttpError(400, f"invalid Content-Length {', '.join(lengths)!r}")
+        length = int(lengths[0])
+        if length > limit:
+            raise _HttpError(413, _too_large(f"{length} bytes", limit))
+        return self._read_exact(length, deadline)
+
+    def _read_chunked(self, limit: int, deadline: Deadline) -> bytes:
+        body = bytearray()
+        while True:
+            line = self._read_line(deadline)
+            size_text = line.split(b";", 1)[0].strip()
+            if not _CHUNK_SIZE.fullmatch(size_text):
+                raise _HttpError(400, f"malformed chunk size line {line[:40]!r}")
+            size = int(size_text, 16)
+            if size == 0:
+                for _ in range(64):  # trailer fields, then an empty line
+                    if self._read_line(deadline).strip() == b"":
+                        return bytes(body)
+                raise _HttpError(400, "too many chunked trailer fields")
+            if len(body) + size > limit:
+                raise _HttpError(413, _too_large(f"more than {len(body) + size} bytes", limit))
+            body += self._read_exact(size, deadline)
+            if self._read_line(deadline).strip() != b"":
+                raise _HttpError(400, "a chunk is not followed by CRLF")
+
+    def _timed(self, deadline: Deadline) -> None:
+        """Bounds the next socket read by the handler timeout and the request deadline."""
+        deadline.check("while reading the request body")
+        left = deadline.remaining()
+        self.connection.settimeout(self.timeout if left is None else min(left, self.timeout))
+
+    def _read_line(self, deadline: Deadline) -> bytes:
+        self._timed(deadline)
+        try:
+            line = self.rfile.readline(1025)
+        except TimeoutError:
+            deadline.check("while reading the request body")
+            raise _HttpError(408, "timed out waiting for the request body") from None
+        if len(line) > 1024:
+            raise _HttpError(400, "chunked framing line longer than 1024 bytes")
+        if not line:
+            raise _HttpError(400, "the chunked body ended early")
+        return line
+
+    def _read_exact(self, n: int, deadline: Deadline) -> bytes:
+        parts: List[bytes] = []
+        left = n
+        while left > 0:
+            self._timed(deadline)
+            try:
+                part = self.rfile.read1(min(left, 65536))
+            except TimeoutError:
+                deadline.check("while reading the request body")
+                raise _HttpError(408, "timed out waiting for the request body") from None
+            if not part:
+                raise _HttpError(400, f"the body ended after {n - left} of {n} bytes")
+            parts.append(part)
+            left -= len(part)
+        return b"".join(parts)
+
+    def _lingering_close(self) -> None:
+        """Drains what the client still sends (bounded) so that closing does not reset the
+        connection before it has read the error response."""
+        self.close_connection = True
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.5)
+            drained = 0
+            while drained < 4 * self.server.limits.max_request_bytes:
+                data = self.connection.recv(65536)
+                if not data:
+                    break
+                drained += len(data)
+        except OSError:
+            pass
+
+    def _predict(
+        self, loaded: LoadedVersion, body: Mapping[str, Any], deadline: Deadline
+    ) -> Dict[str, Any]:
         signature_name = body.get("signature_name", "")
         if not isinstance(signature_name, str):
             raise invalid("'signature_name' must be a string")
         sig = loaded.signature(signature_name)
         inputs, row_format = parse_predict_body(body, sig)
-        outputs = loaded.run(sig.name, inputs, (), self.server.max_elements)
+        outputs = loaded.run(sig.name, inputs, (), self.server.limits, deadline)
         return format_predict(outputs, row_format)
 
     def do_GET(self) -> None:  # noqa: N802
         self._handle("GET")
 
     def do_POST(self) -> None:  # noqa: N802
-        try:
-            self._handle("POST")
-        except _TooLarge as e:
-            log.info("rest POST %s -> 413: %s", self.path, e)
-            self.close_connection = True
-            self._error(413, str(e))
+        self._handle("POST")
 
 
-class _TooLarge(Exception):
-    def __init__(self, length: int, limit: int) -> None:
-        super().__init__(f"request body of {length} bytes exceeds the limit of {limit} bytes")
+class _HttpError(Exception):
+    """A transport-level error (body framing and size), answered with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _too_large(size: str, limit: int) -> str:
+    return f"request body of {size} exceeds the limit of {limit} bytes (--max_request_bytes)"
 
 
 def _to_dict(message: Any) -> Dict[str, Any]:

@@ -12,6 +12,7 @@ The :class:`Server` class runs it in-process (tests); :func:`run_serve` is the C
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -19,6 +20,13 @@ import threading
 from concurrent import futures
 from typing import Any, List, Optional, Sequence
 
+from serving.limits import (
+    DEFAULT_MAX_HISTORY_LENGTH,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_REQUEST_ELEMENTS,
+    DEFAULT_REQUEST_TIMEOUT_SECONDS,
+    RequestLimits,
+)
 from serving.model_manager import (
     Loader,
     ModelConfig,
@@ -28,9 +36,15 @@ from serving.model_manager import (
 
 log = logging.getLogger("dnc.serving")
 
-DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
-DEFAULT_MAX_REQUEST_ELEMENTS = 4_000_000
-_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Server:
@@ -44,6 +58,9 @@ class Server:
         poll_wait_seconds: interval between scans of the base paths (<= 0: only at start).
         max_request_bytes: largest gRPC message / REST body accepted.
         max_request_elements: largest total number of input elements per request.
+        max_history_length: largest history length (items per row) per request.
+        request_timeout_seconds: longest time spent on one request (<= 0: no server
+            limit; a gRPC client's deadline always applies).
         grpc_workers: size of the gRPC thread pool.
         loader: SavedModel loader (default: ``serving.export.load_exported`` if present,
             else ``tf.saved_model.load``).
@@ -60,11 +77,17 @@ class Server:
         max_request_elements: int = DEFAULT_MAX_REQUEST_ELEMENTS,
         grpc_workers: int = 16,
         loader: Optional[Loader] = None,
+        max_history_length: int = DEFAULT_MAX_HISTORY_LENGTH,
+        request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT_SECONDS,
     ) -> None:
         if not models:
             raise ValueError("at least one model is required")
-        if max_request_bytes <= 0 or max_request_elements <= 0:
-            raise ValueError("max_request_bytes and max_request_elements must be > 0")
+        self.limits = RequestLimits(
+            max_request_bytes=max_request_bytes,
+            max_elements=max_request_elements,
+            max_history_length=max_history_length,
+            timeout_seconds=request_timeout_seconds,
+        )
         self.manager = ModelManager(models, poll_wait_seconds, loader)
         self.host = host
         self._requested_grpc_port = grpc_port
@@ -89,8 +112,12 @@ class Server:
 
         from serving import grpc_service, rest
 
-        if self.host not in _LOOPBACK:
-            log.warning("binding %s: the server is reachable from other hosts", self.host)
+        if not is_loopback(self.host):
+            log.warning(
+                "binding %s (--host): the server is reachable from other hosts, with no "
+                "authentication or TLS; put it behind a proxy that provides them",
+                self.host,
+            )
         self.manager.poll_all()
         options = [
             ("grpc.max_receive_message_length", self.max_request_bytes),
@@ -100,7 +127,7 @@ class Server:
             futures.ThreadPoolExecutor(self.grpc_workers, thread_name_prefix="grpc"),
             options=options,
         )
-        grpc_service.add_servicers(self._grpc, self.manager, self.max_request_elements)
+        grpc_service.add_servicers(self._grpc, self.manager, self.limits)
         address = f"[{self.host}]" if ":" in self.host else self.host
         port = self._grpc.add_insecure_port(f"{address}:{self._requested_grpc_port}")
         if not port:
@@ -108,11 +135,7 @@ class Server:
         self.grpc_port = port
         if self._requested_rest_port is not None:
             self._rest = rest.RestServer(
-                self.host,
-                self._requested_rest_port,
-                self.manager,
-                self.max_request_bytes,
-                self.max_request_elements,
+                self.host, self._requested_rest_port, self.manager, self.limits
             )
             self.rest_port = self._rest.server_address[1]
         self._grpc.start()
@@ -174,7 +197,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="interval between scans for new versions (default 1; <= 0 scans only at start)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1, loopback only; anything else is logged "
+        "with a warning: the server has no authentication or TLS)",
+    )
     parser.add_argument(
         "--max_request_bytes",
         type=int,
@@ -185,7 +213,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max_request_elements",
         type=int,
         default=DEFAULT_MAX_REQUEST_ELEMENTS,
-        help="largest number of input elements per request",
+        help="largest number of input elements per request "
+        f"(default {DEFAULT_MAX_REQUEST_ELEMENTS})",
+    )
+    parser.add_argument(
+        "--max_history_length",
+        type=int,
+        default=DEFAULT_MAX_HISTORY_LENGTH,
+        help=f"largest history length per row (default {DEFAULT_MAX_HISTORY_LENGTH})",
+    )
+    parser.add_argument(
+        "--request_timeout_seconds",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_SECONDS,
+        help="longest time spent on one request, answered DEADLINE_EXCEEDED / HTTP 504 "
+        f"(default {DEFAULT_REQUEST_TIMEOUT_SECONDS:g}; <= 0: none; gRPC client deadlines "
+        "always apply)",
     )
     parser.add_argument("--grpc_workers", type=int, default=16, help="gRPC thread pool size")
     parser.add_argument(
@@ -217,16 +260,22 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("serve: %s", e)
         return 2
     rest_port = args.rest_api_port or None
-    server = Server(
-        models,
-        host=args.host,
-        grpc_port=args.port,
-        rest_port=rest_port,
-        poll_wait_seconds=args.file_system_poll_wait_seconds,
-        max_request_bytes=args.max_request_bytes,
-        max_request_elements=args.max_request_elements,
-        grpc_workers=args.grpc_workers,
-    )
+    try:
+        server = Server(
+            models,
+            host=args.host,
+            grpc_port=args.port,
+            rest_port=rest_port,
+            poll_wait_seconds=args.file_system_poll_wait_seconds,
+            max_request_bytes=args.max_request_bytes,
+            max_request_elements=args.max_request_elements,
+            grpc_workers=args.grpc_workers,
+            max_history_length=args.max_history_length,
+            request_timeout_seconds=args.request_timeout_seconds,
+        )
+    except ValueError as e:
+        log.error("serve: %s", e)
+        return 2
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
