@@ -3,6 +3,7 @@
 import pytest
 
 from pipeline.cli import main
+from tests.integration.tiny_model import save_templates
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +25,9 @@ def tiny_data(tmp_path_factory):
     )
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory):
+    """Saved versions 1 and 2 of the tiny serving model (``tiny_model.TinyModel``)."""
+    return save_templates(str(tmp_path_factory.mktemp("templates")))

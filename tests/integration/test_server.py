@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -34,68 +33,10 @@ from tensorflow_serving.apis import (
 from serving import client as client_lib
 from serving import model_manager
 from serving.server import Server, add_serve_arguments, run_serve
+from tests.integration.tiny_model import install as _install
 
 POLL = 0.2
 MAX_BYTES = 64 * 1024
-
-
-class _Tiny(tf.Module):
-    """serving_default reverses the history; retrieve asserts num_results <= 10."""
-
-    def __init__(self, version: int) -> None:
-        super().__init__()
-        self._version = version
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.string, name="history")])
-    def serve(self, history):
-        batch = tf.shape(history)[:1]
-        return {
-            "item_ids": tf.reverse(history, axis=[1]),
-            "version": tf.fill(batch, tf.constant(self._version, tf.int64)),
-        }
-
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, None], tf.string, name="history"),
-            tf.TensorSpec([], tf.float32, name="alpha"),
-            tf.TensorSpec([], tf.int32, name="num_results"),
-        ]
-    )
-    def retrieve(self, history, alpha, num_results):
-        check = tf.debugging.assert_less_equal(num_results, 10, message="num_results must be <= 10")
-        with tf.control_dependencies([check]):
-            ranks = tf.range(num_results)
-        ids = tf.strings.join([f"v{self._version}_", tf.strings.as_string(ranks)])
-        return {
-            "item_ids": ids[tf.newaxis, :],
-            "scores": (alpha * tf.cast(ranks, tf.float32))[tf.newaxis, :],
-            "clusters": (ranks % 3)[tf.newaxis, :],
-        }
-
-
-@pytest.fixture(scope="module")
-def templates(tmp_path_factory):
-    """Saved versions 1 and 2 of the tiny model, copied into base paths by the tests."""
-    root = tmp_path_factory.mktemp("templates")
-    paths = {}
-    for version in (1, 2):
-        module = _Tiny(version)
-        path = str(root / f"v{version}")
-        tf.saved_model.save(
-            module, path, signatures={"serving_default": module.serve, "retrieve": module.retrieve}
-        )
-        paths[version] = path
-    return paths
-
-
-def _install(templates, base, version: int, as_version: int | None = None) -> str:
-    """Copies a template into base/<version> atomically (temp dir + rename)."""
-    os.makedirs(base, exist_ok=True)
-    target = os.path.join(base, str(as_version or version))
-    tmp = os.path.join(base, f".tmp-{as_version or version}")
-    shutil.copytree(templates[version], tmp)
-    os.rename(tmp, target)
-    return target
 
 
 @pytest.fixture(scope="module")
