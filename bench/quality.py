@@ -61,14 +61,14 @@ def _config(args, variant: str, output: str, **overrides):
     return TrainConfig(**values)
 
 
-def run_variant(args, variant: str, work: str) -> Dict[str, Any]:
-    """Trains and evaluates one variant."""
+def run_variant(args, variant: str, work: str, name: str = "", **overrides) -> Dict[str, Any]:
+    """Trains and evaluates one variant (``overrides``: TrainConfig fields)."""
     from trainer.evaluate_model import evaluate_model
     from trainer.train import train
 
-    output = os.path.join(work, variant)
+    output = os.path.join(work, name or variant)
     start = time.monotonic()
-    result = train(_config(args, variant, output), verbose=2)
+    result = train(_config(args, variant, output, **overrides), verbose=2)
     train_seconds = time.monotonic() - start
     report = evaluate_model(output, args.data, m_values=args.m, progress=False)
     report.pop("table")
@@ -79,7 +79,7 @@ def run_variant(args, variant: str, work: str) -> Dict[str, Any]:
         "train_seconds": round(train_seconds, 1),
         "train_samples_per_second": round(statistics.median(rates), 1),
         "samples_per_epoch": result.samples_per_epoch,
-        "training": args.training,
+        "training": overrides.get("training", args.training),
         "history": result.history,
     }
 

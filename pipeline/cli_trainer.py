@@ -53,6 +53,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         choices=TRAININGS,
         help="prefix: one sample per history prefix; all-positions: whole sequences",
     )
+    p.add_argument(
+        "--length-buckets",
+        type=int,
+        default=t.length_buckets,
+        help="all-positions: batch windows in this many length buckets, trimmed (0: fixed)",
+    )
     p.add_argument("--epochs", type=int, default=t.epochs)
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--learning-rate", type=float, default=t.learning_rate)
@@ -109,6 +115,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         model=model,
         loss=args.loss,
         training=args.training,
+        length_buckets=args.length_buckets,
         num_negatives=args.num_negatives,
         mixed_ratio=args.mixed_ratio,
         intent_weight=args.intent_weight,

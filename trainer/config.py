@@ -22,7 +22,7 @@ CONDITIONINGS = ("none", "concat", "hadamard", "mmoe")
 SAMPLERS = ("global", "in_cluster", "mixed")
 LOSSES = ("bce", "sampled-softmax", "softmax")
 TRAININGS = ("prefix", "all-positions")
-INTENT_ENCODERS = ("pooled", "tower")
+INTENT_ENCODERS = ("pooled", "pooled-clusters", "tower")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +116,20 @@ class TrainConfig:
         training: ``prefix`` (one sample per (history prefix, next item), the paper's
             unit) or ``all-positions`` (SASRec-style: one causal pass per training
             sequence window gives an output at every position, each predicting the next
-            item; ``batch_size`` then counts sequences, see ``trainer.data``).
+            item; ``batch_size`` then counts sequences, see ``trainer.sequence_data``).
+        length_buckets: all-position training only: group windows into this many length
+            buckets, ``batch_size * max_len`` positions a batch, each batch trimmed to its
+            longest window (``trainer.sequence_data.LengthBuckets``); 0 keeps fixed
+            ``[batch_size, max_len]`` batches.
         num_negatives: negatives per positive.
         mixed_ratio: share of in-cluster negatives for the ``mixed`` sampler.
         intent_weight: weight of the intent cross-entropy in the loss.
         intent_encoder: what the intent head reads: ``pooled`` (a position-weighted
-            pooling of the history embeddings; adds little to a training step) or
-            ``tower`` (the Transformer with the identity prompt; a second pass).
+            pooling of the history embeddings; adds little to a training step),
+            ``pooled-clusters`` (the same pooling over item embeddings plus a learned
+            embedding of each history item's cluster, so the intent does not depend on
+            item embeddings separating clusters, which an in-cluster loss never asks
+            for) or ``tower`` (the Transformer with the identity prompt; a second pass).
         epochs: maximum epochs.
         batch_size: samples per step.
         learning_rate: Adam learning rate.
@@ -140,6 +147,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: str = "bce"
     training: str = "prefix"
+    length_buckets: int = 5
     num_negatives: int = 1
     mixed_ratio: float = 0.5
     intent_weight: float = 0.1
@@ -163,6 +171,8 @@ class TrainConfig:
         for name in ("num_negatives", "epochs", "batch_size", "shuffle_buffer", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.length_buckets < 0:
+            raise ValueError(f"length_buckets must be >= 0, got {self.length_buckets}")
         if not 0.0 <= self.mixed_ratio <= 1.0:
             raise ValueError(f"mixed_ratio must be in [0, 1], got {self.mixed_ratio}")
         if self.intent_encoder not in INTENT_ENCODERS:

@@ -15,7 +15,7 @@ import csv
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -32,7 +32,8 @@ USER = "user"
 NEGATIVES = "negatives"
 NEGATIVES_VALID = "negatives_valid"
 NEGATIVES_LOG_Q = "negatives_log_q"
-# All-position batches only: 1.0 where a position has a (history, target) pair, 0.0 on padding.
+# All-position batches only (``trainer.sequence_data``): 1.0 where a position has a
+# (history, target) pair, 0.0 on padding.
 MASK = "mask"
 
 
@@ -165,7 +166,7 @@ def training_dataset(
         seed: seed of shuffling and negative sampling.
         repeat: repeat forever (use ``steps_per_epoch``).
     """
-    return _batched_examples(
+    return batched_examples(
         data_dir,
         lambda r: _expand_user(r, max_len),
         lambda b, s: _add_negatives(b, s, sampler, num_negatives),
@@ -177,17 +178,32 @@ def training_dataset(
     )
 
 
-def _batched_examples(
-    data_dir, expand, add_negatives, with_negatives, batch_size, shuffle_buffer, seed, repeat
+def batched_examples(
+    data_dir,
+    expand,
+    add_negatives,
+    with_negatives,
+    batch_size,
+    shuffle_buffer,
+    seed,
+    repeat,
+    batch: Optional[Callable[[tf.data.Dataset], tf.data.Dataset]] = None,
 ) -> tf.data.Dataset:
-    """Train users -> shuffled examples (``expand``) -> batches (+ ``add_negatives``)."""
+    """Train users -> shuffled examples (``expand``) -> batches (+ ``add_negatives``).
+
+    ``batch`` replaces the default fixed-size batching (``batch_size`` examples,
+    remainder dropped), e.g. with length-bucketed batches.
+    """
     users = read_split(data_dir, features.TRAIN).cache()
     users = users.shuffle(100_000, seed=seed, reshuffle_each_iteration=True)
     examples = users.flat_map(expand)
     examples = examples.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
     if repeat:
         examples = examples.repeat()
-    batches = examples.batch(batch_size, drop_remainder=True)
+    if batch is None:
+        batches = examples.batch(batch_size, drop_remainder=True)
+    else:
+        batches = batch(examples)
     if with_negatives:
         seeds = tf.data.Dataset.random(seed=seed + 2).batch(2)
         batches = tf.data.Dataset.zip((batches, seeds)).map(
@@ -201,107 +217,6 @@ def _add_negatives(batch, seed, sampler, num_negatives):
         batch[TARGET], batch[TARGET_CLUSTER], batch[HISTORY], num_negatives, seed=seed
     )
     return {**batch, NEGATIVES: negatives, NEGATIVES_VALID: valid, NEGATIVES_LOG_Q: log_q}
-
-
-def sequence_windows(items: tf.Tensor, clusters: tf.Tensor, max_len: int) -> Dict[str, tf.Tensor]:
-    """Splits one training sequence into all-position windows.
-
-    The targets ``items[1:]`` are cut, from the most recent backwards, into chunks of
-    at most ``max_len`` consecutive targets; each chunk's inputs are the items just
-    before its targets. Every target appears exactly once per epoch (``n - 1`` targets
-    for ``n`` items, as in per-prefix sampling). Within a window, the output at position
-    ``j`` sees the window's items up to ``j``. For a sequence of at most ``max_len + 1``
-    items this is exactly every target's per-prefix history; in longer sequences a
-    target sees only its window's earlier items (fewer than ``max_len`` except at the
-    window's last position): SASRec's own approximation.
-
-    Args:
-        items: [n] model item ids.
-        clusters: [n] their clusters.
-        max_len: L.
-
-    Returns:
-        ``HISTORY`` [c, L] inputs (right-aligned, PAD_ID on the left), ``TARGET`` [c, L]
-        next items (PAD_ID where masked), ``TARGET_CLUSTER`` [c, L] (0 where masked) and
-        ``MASK`` [c, L] float32, for ``c = ceil((n - 1) / L)`` windows.
-    """
-    n = tf.shape(items)[0]
-    count = tf.maximum(n - 1 + max_len - 1, 0) // max_len
-    ends = n - tf.range(count) * max_len  # exclusive end of each window
-    index = ends[:, None] - (max_len + 1) + tf.range(max_len + 1)[None, :]
-    safe = tf.maximum(index + 1, 0)
-    window = tf.gather(tf.concat([[PAD_ID], items], 0), safe)
-    window_clusters = tf.gather(tf.concat([[0], clusters], 0), safe)
-    valid = index[:, :-1] >= 0  # the input exists (then the target does too)
-    return {
-        HISTORY: window[:, :-1],
-        TARGET: tf.where(valid, window[:, 1:], PAD_ID),
-        TARGET_CLUSTER: tf.where(valid, window_clusters[:, 1:], 0),
-        MASK: tf.cast(valid, tf.float32),
-    }
-
-
-def _expand_user_sequences(record: Dict[str, tf.Tensor], max_len: int) -> tf.data.Dataset:
-    windows = sequence_windows(record["items"], record["clusters"], max_len)
-    windows[USER] = tf.fill(tf.shape(windows[MASK])[:1], record[USER])
-    return tf.data.Dataset.from_tensor_slices(windows)
-
-
-def sequence_dataset(
-    data_dir: str,
-    max_len: int,
-    batch_size: int,
-    sampler=None,
-    num_negatives: int = 1,
-    shuffle_buffer: int = 100_000,
-    seed: int = 42,
-    repeat: bool = True,
-) -> tf.data.Dataset:
-    """Shuffled, batched all-position windows (``sequence_windows``) with negatives.
-
-    ``batch_size`` counts windows (sequences). Negatives are drawn per position
-    (the [B, L] targets flattened for the sampler): ``NEGATIVES``, ``NEGATIVES_VALID``
-    and ``NEGATIVES_LOG_Q`` are [B, L, N]. A negative is an accidental hit (invalid)
-    when it equals the position's target or any item of the window's inputs.
-    Arguments as in ``training_dataset``.
-    """
-    return _batched_examples(
-        data_dir,
-        lambda r: _expand_user_sequences(r, max_len),
-        lambda b, s: _add_sequence_negatives(b, s, sampler, num_negatives, max_len),
-        sampler is not None,
-        batch_size,
-        min(shuffle_buffer, 20_000),
-        seed,
-        repeat,
-    )
-
-
-def _add_sequence_negatives(batch, seed, sampler, num_negatives, max_len):
-    history = batch[HISTORY]
-    shape = tf.shape(history)
-    negatives, valid, log_q = sampler.sample(
-        tf.reshape(batch[TARGET], [-1]),
-        tf.reshape(batch[TARGET_CLUSTER], [-1]),
-        tf.repeat(history, max_len, axis=0),
-        num_negatives,
-        seed=seed,
-    )
-    out_shape = tf.concat([shape, [num_negatives]], 0)
-    return {
-        **batch,
-        NEGATIVES: tf.reshape(negatives, out_shape),
-        NEGATIVES_VALID: tf.reshape(valid, out_shape),
-        NEGATIVES_LOG_Q: tf.reshape(log_q, out_shape),
-    }
-
-
-def count_training_windows(data_dir: str, max_len: int) -> int:
-    """Number of all-position windows (``sequence_windows``) of one epoch."""
-    total = 0
-    for n in read_split(data_dir, features.TRAIN).map(lambda r: tf.shape(r["items"])[0]):
-        total += max(int(n) - 1 + max_len - 1, 0) // max_len
-    return total
 
 
 def count_training_samples(data_dir: str) -> int:

@@ -30,12 +30,13 @@ class RetrievalModel(tfrs.Model):
         loss: ``bce``, ``sampled-softmax`` or ``softmax`` (full softmax; over the
             target's cluster only for in-cluster variants).
         intent_weight: weight of the intent cross-entropy.
-        intent_encoder: ``pooled`` (cheap, default) or ``tower`` (Transformer, NO_TASK prompt).
+        intent_encoder: ``pooled`` (cheap, default), ``pooled-clusters`` (also reads the
+            history's clusters) or ``tower`` (Transformer, NO_TASK prompt).
         item_cluster: [N + 1] cluster of each model item id (``-1`` for PAD_ID); needed by
-            the ``softmax`` loss of in-cluster variants.
+            the ``softmax`` loss of in-cluster variants and by ``pooled-clusters``.
 
     ``compute_loss`` takes per-prefix batches (``data.training_dataset``: ``TARGET`` [B])
-    or all-position batches (``data.sequence_dataset``: ``TARGET`` [B, L] and ``MASK``).
+    or all-position batches (``sequence_data.sequence_dataset``: ``TARGET`` [B, W] and ``MASK``).
     """
 
     def __init__(
@@ -89,6 +90,11 @@ class RetrievalModel(tfrs.Model):
             self._item_cluster = tf.constant(item_cluster)
         if self.in_cluster_softmax and self._item_cluster is None:
             raise ValueError("the in-cluster softmax loss needs item_cluster")
+        self.cluster_embedding = None
+        if intent_encoder == "pooled-clusters":
+            if self._item_cluster is None:
+                raise ValueError("the pooled-clusters intent encoder needs item_cluster")
+            self.cluster_embedding = tf.keras.layers.Embedding(num_clusters, dim)
         self.intent_loss = losses.IntentLoss()
 
     @property
@@ -119,9 +125,17 @@ class RetrievalModel(tfrs.Model):
             task = tf.fill(tf.shape(history)[:1], self.num_clusters)
             rep = isolate(self.user_tower({"history": history, "task": task}, training=training))
         else:
-            embeddings = isolate(self.item_embedding(history))
-            rep = self.intent_pooling(history, embeddings)
+            rep = self.intent_pooling(history, self._intent_inputs(history, isolate))
         return self.intent_head(rep)
+
+    def _intent_inputs(self, history: tf.Tensor, isolate) -> tf.Tensor:
+        """What the pooled intent encoders read at each history position [..., d]."""
+        embeddings = isolate(self.item_embedding(history))
+        if self.cluster_embedding is not None:
+            # PAD_ID's cluster is -1; pooling masks padding, any row will do.
+            clusters = tf.maximum(tf.gather(self._item_cluster, history), 0)
+            embeddings += self.cluster_embedding(clusters)
+        return embeddings
 
     def candidate_embeddings(self, item_ids: tf.Tensor) -> tf.Tensor:
         """e_i for model item ids of any shape."""
@@ -178,8 +192,9 @@ class RetrievalModel(tfrs.Model):
             task = tf.fill(tf.shape(history)[:1], self.num_clusters)
             rep = isolate(self.user_tower.encode_sequence(history, task, training=training))
         else:
-            embeddings = isolate(self.item_embedding(history))
-            rep = self.intent_pooling.call_all_positions(history, embeddings)
+            rep = self.intent_pooling.call_all_positions(
+                history, self._intent_inputs(history, isolate)
+            )
         return self.intent_head(rep)
 
     def _retrieval_loss(

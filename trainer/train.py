@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from preprocessing import features, fileio
-from trainer import data, evaluation
+from trainer import data, evaluation, sequence_data
 from trainer.config import ModelConfig, TrainConfig, get_variant
 from trainer.model import RetrievalModel
 from trainer.samplers import ClusterTable, NegativeSampler
@@ -164,7 +164,8 @@ def build_model(config: TrainConfig, items: data.ItemsTable) -> RetrievalModel:
 def make_dataset(config: TrainConfig, items: data.ItemsTable) -> tf.data.Dataset:
     """The endless training batches of ``config``, with the variant's negatives.
 
-    Per-prefix (``data.training_dataset``) or all-position (``data.sequence_dataset``)
+    Per-prefix (``data.training_dataset``) or all-position
+    (``sequence_data.sequence_dataset``)
     batches after ``config.training``; the full ``softmax`` loss needs no negatives.
     """
     table = ClusterTable(items.item_cluster[1:], items.num_clusters)
@@ -176,15 +177,29 @@ def make_dataset(config: TrainConfig, items: data.ItemsTable) -> tf.data.Dataset
             ratio=config.mixed_ratio,
             seed=config.seed,
         )
-    build = data.sequence_dataset if config.training == "all-positions" else data.training_dataset
-    return build(
-        config.data,
-        config.model.max_len,
-        config.batch_size,
+    kwargs = dict(
         sampler=sampler,
         num_negatives=config.num_negatives,
         shuffle_buffer=config.shuffle_buffer,
         seed=config.seed,
+    )
+    if config.training == "all-positions":
+        return sequence_data.sequence_dataset(
+            config.data,
+            config.model.max_len,
+            config.batch_size,
+            buckets=length_buckets(config),
+            **kwargs,
+        )
+    return data.training_dataset(config.data, config.model.max_len, config.batch_size, **kwargs)
+
+
+def length_buckets(config: TrainConfig) -> Optional[sequence_data.LengthBuckets]:
+    """The length buckets of all-position training (None: fixed-size batches)."""
+    if config.training != "all-positions" or config.length_buckets == 0:
+        return None
+    return sequence_data.LengthBuckets.for_budget(
+        config.model.max_len, config.batch_size, config.length_buckets
     )
 
 
@@ -225,18 +240,26 @@ def train(
     tf.keras.utils.set_random_seed(config.seed)
     items = data.load_items(config.data)
     samples = data.count_training_samples(config.data)
-    units, samples_per_step, noun = samples, float(config.batch_size), "samples"
+    units, noun = samples, "samples"
+    steps = math.ceil(samples / config.batch_size)
     if config.training == "all-positions":
         # batch_size counts sequence windows; samples/s counts predicted targets.
-        units = data.count_training_windows(config.data, config.model.max_len)
-        samples_per_step = config.batch_size * samples / max(units, 1)
-        noun = "windows"
+        lengths = sequence_data.window_lengths(config.data, config.model.max_len)
+        units, noun = len(lengths), "windows"
+        buckets = length_buckets(config)
+        steps = (
+            math.ceil(units / config.batch_size)
+            if buckets is None
+            else buckets.steps_per_epoch(lengths)
+        )
     if units < config.batch_size:
         raise ValueError(
             f"{config.data} has {units} training {noun}, fewer than one batch "
             f"({config.batch_size}); lower --batch-size"
         )
-    steps = config.steps_per_epoch or math.ceil(units / config.batch_size)
+    # Targets predicted per step (for samples/s): on average over an epoch for windows.
+    samples_per_step = float(config.batch_size) if noun == "samples" else samples / steps
+    steps = config.steps_per_epoch or steps
     strategy = strategy or tf.distribute.get_strategy()
     dataset = make_dataset(config, items)
     with strategy.scope():

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.cli import main
-from trainer import data
+from trainer import data, sequence_data
 from trainer.config import VARIANTS, ModelConfig, TrainConfig
 from trainer.train import ModelScorer, load_model, train
 
@@ -172,12 +172,35 @@ def test_all_position_training_runs_with_every_loss(tiny_data, tmp_path, variant
     assert epoch["samples_per_second"] > 0
 
 
+def test_bucketed_windows_cover_every_target_once_within_the_position_budget(tiny_data):
+    buckets = sequence_data.LengthBuckets.for_budget(max_len=10, batch_size=4, num_buckets=3)
+    dataset = sequence_data.sequence_dataset(
+        tiny_data, 10, batch_size=4, repeat=False, shuffle_buffer=10, buckets=buckets
+    )
+    targets, widths = [], set()
+    for batch in dataset:
+        mask = batch[data.MASK].numpy() > 0
+        width = mask.shape[1]
+        widths.add(width)
+        assert mask[:, 0].any()  # trimmed: no all-padding leading column
+        bucket = int(buckets.bucket_of(np.array([width]))[0])
+        assert width <= buckets.widths[bucket] and len(mask) <= buckets.batch_sizes[bucket]
+        targets += batch[data.TARGET].numpy()[mask].tolist()
+    want = []
+    for record in data.read_split(tiny_data, "train").as_numpy_iterator():
+        want += record["items"][1:].tolist()
+    assert sorted(targets) == sorted(want)
+    assert len(widths) > 1
+
+
 def test_all_position_windows_cover_every_target_once_per_epoch(tiny_data):
-    dataset = data.sequence_dataset(tiny_data, 10, batch_size=1, repeat=False, shuffle_buffer=10)
+    dataset = sequence_data.sequence_dataset(
+        tiny_data, 10, batch_size=1, repeat=False, shuffle_buffer=10
+    )
     targets = []
     for batch in dataset:
         mask = batch[data.MASK].numpy()[0] > 0
         targets += batch[data.TARGET].numpy()[0][mask].tolist()
         assert batch[data.NEGATIVES].shape == (1, 10, 1) if data.NEGATIVES in batch else True
     assert len(targets) == data.count_training_samples(tiny_data)
-    assert data.count_training_windows(tiny_data, 10) == len(list(dataset))
+    assert sequence_data.count_training_windows(tiny_data, 10) == len(list(dataset))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf  # conftest imports dnc_env first
 
-from trainer import data
+from trainer import data, sequence_data
 from trainer.config import VARIANTS, ModelConfig
 from trainer.losses import FullSoftmaxLoss
 from trainer.model import RetrievalModel
@@ -19,7 +19,7 @@ SMALL = ModelConfig(embedding_dim=8, max_len=L, num_blocks=2, num_heads=2, dropo
 def test_windows_cover_every_target_once_with_its_causal_history(n):
     items = np.arange(1, n + 1, dtype=np.int32) * 3 % 97 + 1
     clusters = items % K
-    w = {k: v.numpy() for k, v in data.sequence_windows(items, clusters, L).items()}
+    w = {k: v.numpy() for k, v in sequence_data.sequence_windows(items, clusters, L).items()}
     mask = w[data.MASK].astype(bool)
     targets = w[data.TARGET][mask]
     assert sorted(targets.tolist()) == sorted(items[1:].tolist())
@@ -64,9 +64,19 @@ def _prefix(history_row, j):
     return out
 
 
-@pytest.mark.parametrize("variant", ["sasrec", "dnc-naive", "dnc", "dnc-concat", "dnc-mmoe"])
-def test_all_position_outputs_equal_per_prefix_outputs(variant):
-    model = _model(variant, intent_encoder="tower" if variant == "dnc-concat" else "pooled")
+@pytest.mark.parametrize(
+    "variant,intent_encoder",
+    [
+        ("sasrec", "pooled"),
+        ("dnc-naive", "pooled"),
+        ("dnc", "pooled"),
+        ("dnc", "pooled-clusters"),
+        ("dnc-concat", "tower"),
+        ("dnc-mmoe", "pooled"),
+    ],
+)
+def test_all_position_outputs_equal_per_prefix_outputs(variant, intent_encoder):
+    model = _model(variant, intent_encoder=intent_encoder)
     if VARIANTS[variant].conditioning == "hadamard":  # prompts start as ones: make them differ
         prompts = model.user_tower.task_prompts
         prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
@@ -86,6 +96,54 @@ def test_all_position_outputs_equal_per_prefix_outputs(variant):
     if conditioned:  # the prompt really matters: another cluster gives another output
         other = model.sequence_user_embeddings(history, (target_cluster + 1) % K, mask).numpy()
         assert not np.allclose(other[rows, cols], got[rows, cols])
+
+
+@pytest.mark.parametrize("variant", ["sasrec", "dnc", "dnc-concat"])
+def test_trimming_shared_left_padding_changes_no_output_nor_the_loss(variant):
+    model = _model(variant, loss="softmax")
+    if VARIANTS[variant].conditioning == "hadamard":
+        prompts = model.user_tower.task_prompts
+        prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
+    history, target_cluster, mask = _random_batch()
+    history[:, :2], target_cluster[:, :2], mask[:, :2] = 0, 0, 0.0  # 2 padding columns
+    target = np.where(mask > 0, RNG.integers(1, N + 1, size=history.shape), 0).astype(np.int32)
+    batch = {
+        data.HISTORY: history,
+        data.TARGET: target,
+        data.TARGET_CLUSTER: target_cluster,
+        data.MASK: mask,
+        data.USER: np.zeros(len(history), np.int32),
+    }
+    trimmed = {k: np.asarray(v) for k, v in sequence_data.trim_padding(batch).items()}
+    assert trimmed[data.HISTORY].shape == (len(history), L - 2)
+    full = model.sequence_user_embeddings(history, target_cluster, mask).numpy()
+    cut = model.sequence_user_embeddings(
+        trimmed[data.HISTORY], trimmed[data.TARGET_CLUSTER], trimmed[data.MASK]
+    ).numpy()
+    np.testing.assert_allclose(cut, full[:, 2:], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        model.sequence_intent(trimmed[data.HISTORY]).numpy(),
+        model.sequence_intent(history).numpy()[:, 2:],
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        model.compute_loss(trimmed).numpy(), model.compute_loss(batch).numpy(), rtol=1e-5
+    )
+
+
+def test_length_buckets_budget_and_steps():
+    buckets = sequence_data.LengthBuckets.for_budget(max_len=50, batch_size=128, num_buckets=5)
+    assert buckets.widths == (10, 20, 30, 40, 50)
+    assert buckets.batch_sizes == (640, 320, 213, 160, 128)
+    lengths = np.array([1, 10, 11, 50, 50, 49])
+    np.testing.assert_array_equal(buckets.bucket_of(lengths), [0, 0, 1, 4, 4, 4])
+    assert buckets.steps_per_epoch(np.full(1280, 7)) == 2
+    assert buckets.steps_per_epoch(np.full(256, 50)) == 2
+    with pytest.raises(ValueError, match="window lengths"):
+        buckets.bucket_of(np.array([51]))
+    with pytest.raises(ValueError, match="ascending"):
+        sequence_data.LengthBuckets((5, 5), (1, 1))
 
 
 def _log_softmax_over(logits, allowed, target):
@@ -131,3 +189,14 @@ def test_model_softmax_loss_scope(variant, in_cluster):
     assert not touched[0]  # PAD never enters the softmax
     if in_cluster:
         np.testing.assert_array_equal(touched[1:], np.isin(ITEM_CLUSTER[1:], cluster))
+
+
+def test_pooled_clusters_intent_reads_the_history_clusters():
+    model = _model("dnc", intent_encoder="pooled-clusters")
+    history, _, _ = _random_batch()
+    before = model.intent(history).numpy()
+    table = model.cluster_embedding.embeddings
+    table.assign(table.numpy() + RNG.normal(size=table.shape).astype(np.float32))
+    assert not np.allclose(model.intent(history).numpy(), before)
+    with pytest.raises(ValueError, match="needs item_cluster"):
+        RetrievalModel(VARIANTS["dnc"], SMALL, N, K, 5, intent_encoder="pooled-clusters")
