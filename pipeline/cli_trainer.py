@@ -13,6 +13,7 @@ from typing import List, Optional
 from trainer.config import (
     INTENT_ENCODERS,
     LOSSES,
+    SOFTMAX_SCOPES,
     TRAININGS,
     VARIANTS,
     ModelConfig,
@@ -47,6 +48,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="model directory")
     p.add_argument("--variant", default=t.variant, choices=tuple(VARIANTS))
     p.add_argument("--loss", default=t.loss, choices=LOSSES)
+    p.add_argument(
+        "--softmax-scope",
+        default=t.softmax_scope,
+        choices=SOFTMAX_SCOPES,
+        help="full softmax over: auto (target's cluster for dnc-*, else all), cluster, all",
+    )
     p.add_argument(
         "--training",
         default=t.training,
@@ -114,6 +121,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         variant=args.variant,
         model=model,
         loss=args.loss,
+        softmax_scope=args.softmax_scope,
         training=args.training,
         length_buckets=args.length_buckets,
         num_negatives=args.num_negatives,
@@ -139,6 +147,9 @@ def run_train(args: argparse.Namespace, extra: List[str]) -> int:
         print(f"dnc train: invalid configuration: {e}", file=sys.stderr)
         return 2
     log.info("effective config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
+    from preprocessing import fileio
+
+    fileio.check_output_dir(config.output)  # OutputError before any work
     import tensorflow as tf
 
     from trainer.train import train
@@ -146,7 +157,8 @@ def run_train(args: argparse.Namespace, extra: List[str]) -> int:
     strategy: Optional[tf.distribute.Strategy] = None
     if args.strategy == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
-    result = train(config, strategy=strategy)
+    with fileio.output_errors(config.output):
+        result = train(config, strategy=strategy)
     last = result.history[-1] if result.history else {}
     print(f"trained {config.variant}: {len(result.history)} epochs -> {result.model_dir}")
     for key in sorted(k for k in last if k.startswith("val_") or k == "samples_per_second"):

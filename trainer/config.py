@@ -21,6 +21,7 @@ PAD_ID = 0
 CONDITIONINGS = ("none", "concat", "hadamard", "mmoe")
 SAMPLERS = ("global", "in_cluster", "mixed")
 LOSSES = ("bce", "sampled-softmax", "softmax")
+SOFTMAX_SCOPES = ("auto", "cluster", "all")
 TRAININGS = ("prefix", "all-positions")
 INTENT_ENCODERS = ("pooled", "pooled-clusters", "tower")
 
@@ -113,6 +114,10 @@ class TrainConfig:
         loss: ``bce`` (the paper), ``sampled-softmax`` (positive + sampled negatives,
             log-Q corrected) or ``softmax`` (full softmax: over all items for global
             variants, over the target's cluster only for in-cluster (``dnc-*``) variants).
+        softmax_scope: what the full ``softmax`` normalises over: ``auto`` (as above),
+            ``cluster`` (the target's cluster) or ``all`` (every item, also for
+            ``dnc-*``: the prompted tower then learns against the whole catalogue while
+            serving still retrieves per cluster).
         training: ``prefix`` (one sample per (history prefix, next item), the paper's
             unit) or ``all-positions`` (SASRec-style: one causal pass per training
             sequence window gives an output at every position, each predicting the next
@@ -146,6 +151,7 @@ class TrainConfig:
     variant: str = "dnc"
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: str = "bce"
+    softmax_scope: str = "auto"
     training: str = "prefix"
     length_buckets: int = 5
     num_negatives: int = 1
@@ -166,6 +172,10 @@ class TrainConfig:
         get_variant(self.variant)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; expected one of {LOSSES}")
+        if self.softmax_scope not in SOFTMAX_SCOPES:
+            raise ValueError(
+                f"unknown softmax_scope {self.softmax_scope!r}; expected one of {SOFTMAX_SCOPES}"
+            )
         if self.training not in TRAININGS:
             raise ValueError(f"unknown training {self.training!r}; expected one of {TRAININGS}")
         for name in ("num_negatives", "epochs", "batch_size", "shuffle_buffer", "patience"):

@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from trainer import data, losses, towers
-from trainer.config import INTENT_ENCODERS, ModelConfig, Variant
+from trainer.config import INTENT_ENCODERS, SOFTMAX_SCOPES, ModelConfig, Variant
 from trainer.intent import PooledHistoryEncoder
 
 
@@ -30,6 +30,8 @@ class RetrievalModel(tfrs.Model):
         loss: ``bce``, ``sampled-softmax`` or ``softmax`` (full softmax; over the
             target's cluster only for in-cluster variants).
         intent_weight: weight of the intent cross-entropy.
+        softmax_scope: ``auto`` (the target's cluster for in-cluster variants, else all
+            items), ``cluster`` or ``all``: what the full ``softmax`` normalises over.
         intent_encoder: ``pooled`` (cheap, default), ``pooled-clusters`` (also reads the
             history's clusters) or ``tower`` (Transformer, NO_TASK prompt).
         item_cluster: [N + 1] cluster of each model item id (``-1`` for PAD_ID); needed by
@@ -50,6 +52,7 @@ class RetrievalModel(tfrs.Model):
         intent_weight: float = 0.1,
         intent_encoder: str = "pooled",
         item_cluster: Optional[np.ndarray] = None,
+        softmax_scope: str = "auto",
     ) -> None:
         super().__init__()
         if intent_encoder not in INTENT_ENCODERS:
@@ -79,7 +82,11 @@ class RetrievalModel(tfrs.Model):
             self.retrieval_loss = losses.FullSoftmaxLoss()
         else:
             raise ValueError(f"unknown loss {loss!r}")
-        self.in_cluster_softmax = loss == "softmax" and variant.sampler == "in_cluster"
+        if softmax_scope not in SOFTMAX_SCOPES:
+            raise ValueError(f"unknown softmax_scope {softmax_scope!r}; {SOFTMAX_SCOPES}")
+        if softmax_scope == "auto":
+            softmax_scope = "cluster" if variant.sampler == "in_cluster" else "all"
+        self.in_cluster_softmax = loss == "softmax" and softmax_scope == "cluster"
         self._item_cluster = None
         if item_cluster is not None:
             item_cluster = np.asarray(item_cluster, np.int32)

@@ -158,6 +158,7 @@ def build_model(config: TrainConfig, items: data.ItemsTable) -> RetrievalModel:
         intent_weight=config.intent_weight,
         intent_encoder=config.intent_encoder,
         item_cluster=items.item_cluster,
+        softmax_scope=config.softmax_scope,
     )
 
 

@@ -167,9 +167,26 @@ def test_in_cluster_full_softmax_normalises_only_over_the_target_cluster():
     np.testing.assert_allclose(per, ref, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant,in_cluster", [("dnc", True), ("sasrec", False)])
-def test_model_softmax_loss_scope(variant, in_cluster):
-    model = _model(variant, loss="softmax")
+@pytest.mark.parametrize(
+    "variant,scope,in_cluster",
+    [
+        ("dnc", "auto", True),
+        ("sasrec", "auto", False),
+        ("dnc", "all", False),
+        ("sasrec", "cluster", True),
+    ],
+)
+def test_model_softmax_loss_scope(variant, scope, in_cluster):
+    model = RetrievalModel(
+        VARIANTS[variant],
+        SMALL,
+        N,
+        K,
+        5,
+        loss="softmax",
+        item_cluster=ITEM_CLUSTER,
+        softmax_scope=scope,
+    )
     s = 9
     user = tf.constant(RNG.normal(size=(s, SMALL.embedding_dim)).astype(np.float32))
     target = RNG.integers(1, N + 1, size=s).astype(np.int32)
