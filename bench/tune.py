@@ -35,14 +35,18 @@ import quality  # noqa: E402
 # Settings per variant: TrainConfig overrides. Every setting gets the same epochs.
 DEFAULT_GRID: Dict[str, List[Dict[str, Any]]] = {
     "sasrec": [
-        {"training": "prefix", "loss": "bce", "num_negatives": 1},
         {"training": "all-positions", "loss": "bce", "num_negatives": 1},
         {"training": "all-positions", "loss": "sampled-softmax", "num_negatives": 64},
         {"training": "all-positions", "loss": "softmax"},
     ],
     "dnc": [
-        {"training": "prefix", "loss": "bce", "num_negatives": 1},
-        {"training": "all-positions", "loss": "bce", "num_negatives": 1},
+        {
+            "training": "all-positions",
+            "loss": "bce",
+            "num_negatives": 1,
+            "intent_encoder": "pooled-clusters",
+            "intent_weight": 1.0,
+        },
         {
             "training": "all-positions",
             "loss": "sampled-softmax",
@@ -86,7 +90,7 @@ def markdown(report: Dict[str, Any]) -> str:
         cells = [
             row["variant"],
             s.get("training", "prefix"),
-            s.get("loss", "bce"),
+            s.get("loss", "bce") + (f" ({s['softmax_scope']})" if "softmax_scope" in s else ""),
             "-" if s.get("loss") == "softmax" else str(s.get("num_negatives", 1)),
             s.get("intent_encoder", "pooled"),
             str(s.get("intent_weight", 0.1)),
@@ -107,11 +111,31 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_runs(path: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """The runs of an earlier tune report, checked to share this run's data and budget."""
+    with open(path, encoding="utf-8") as f:
+        earlier = json.load(f)
+    for key in ("epochs", "patience", "batch_size", "learning_rate", "max_len", "dim", "seed"):
+        if earlier["settings"][key] != getattr(args, key):
+            raise SystemExit(f"{path}: {key}={earlier['settings'][key]} != {getattr(args, key)}")
+    if os.path.abspath(earlier["data"]["dir"]) != os.path.abspath(args.data):
+        raise SystemExit(f"{path} was run on {earlier['data']['dir']}, not {args.data}")
+    for run in earlier["runs"]:
+        run["selected"] = False
+    return earlier["runs"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="dnc preprocess --output")
     parser.add_argument("--out", required=True, help="output path without extension")
     parser.add_argument("--grid", help="JSON file {variant: [overrides, ...]} (default: built in)")
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        help="earlier tune JSON whose runs join the selection (same data and budget)",
+    )
     parser.add_argument("--variants", default="sasrec,dnc")
     parser.add_argument("--m", default="20,50")
     parser.add_argument("--title", default=None)
@@ -160,8 +184,10 @@ def main() -> None:
             )
             summary = {k: v for k, v in result.items() if k != "history"}
             print(json.dumps({"validation": runs[-1]["validation"], **summary}), flush=True)
+    for path in args.include:
+        runs = load_runs(path, args) + runs
     selected = {}
-    for variant in variants:
+    for variant in sorted({r["variant"] for r in runs}, key=lambda v: v != "sasrec"):
         best = max((r for r in runs if r["variant"] == variant), key=lambda r: r["validation"])
         best["selected"] = True
         selected[variant] = best["name"]
@@ -173,7 +199,7 @@ def main() -> None:
         "data": {"dir": args.data, **{k: stats[k] for k in ("source", "users", "items")}},
         "monitor": monitor,
         "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
-        "grid": {v: grid[v] for v in variants},
+        "grid": {v: [r["setting"] for r in runs if r["variant"] == v] for v in selected},
         "selected": selected,
         "runs": runs,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
