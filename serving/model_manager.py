@@ -41,6 +41,7 @@ from serving.model_config import (
     parse_version_dir,
     validate_model_name,
 )
+from serving.warmup import warm_up
 
 __all__ = [
     "Code",
@@ -362,7 +363,8 @@ class ServedModel:
         start = time.monotonic()
         try:
             loaded = LoadedVersion(self.name, version, path, self._loader(path))
-        except Exception as e:  # any load failure keeps the old version
+            warmed = warm_up(loaded)  # first calls are slow: pay them before serving
+        except Exception as e:  # any load (or warm-up) failure keeps the old version
             self._failed[version] = fingerprint
             self._set_status(version, VersionState.END, f"{type(e).__name__}: {e}")
             log.error(
@@ -377,11 +379,12 @@ class ServedModel:
             self._loaded[version] = loaded
             self._status[version] = VersionStatus(version, VersionState.AVAILABLE)
         log.info(
-            "model %s: version %d available (%.1fs, signatures %s)",
+            "model %s: version %d available (%.1fs, signatures %s, %d warm-up calls)",
             self.name,
             version,
             time.monotonic() - start,
             sorted(loaded.signatures),
+            warmed,
         )
 
     def get(self, version: Optional[int] = None, label: str = "") -> LoadedVersion:
