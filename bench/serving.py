@@ -45,7 +45,7 @@ import threading
 import time
 from importlib import metadata
 from types import SimpleNamespace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 if ROOT not in sys.path:
@@ -636,14 +636,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def write(report: Dict[str, Any], out: str) -> None:
-    """Writes ``OUT.json`` and ``OUT.md``."""
+def write(
+    report: Dict[str, Any], out: str, render: Callable[[Dict[str, Any]], str] = markdown
+) -> None:
+    """Writes ``OUT.json`` and ``OUT.md`` (the report rendered by ``render``)."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + ".json", "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, sort_keys=True)
         f.write("\n")
     with open(out + ".md", "w", encoding="utf-8") as f:
-        f.write(markdown(report))
+        f.write(render(report))
 
 
 def benchmark_size(size: int, args: argparse.Namespace, work: str, report: Dict[str, Any]) -> None:
