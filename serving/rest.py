@@ -93,6 +93,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"error": message})
 
+    def send_error(
+        self, code: int, message: Optional[str] = None, explain: Optional[str] = None
+    ) -> None:
+        """Answers protocol-level errors of ``http.server`` (malformed request line, URI too
+        long, unsupported method, ...) as JSON like every other error."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # not parsed yet: still send a status line
+            self.request_version = "HTTP/1.0"
+        self._error(code, message or self.responses.get(code, ("error",))[0])
+
     def _route(self) -> Tuple[str, Optional[int], str, str]:
         path = urllib.parse.urlsplit(self.path).path
         match = _ROUTE.match(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import sys
 import urllib.parse
 from typing import Any, Dict, List, Tuple
@@ -341,6 +342,50 @@ def test_rest_unicode_and_binary_ids_round_trip(served, rows_in):
     assert status == 200, answer
     got = [[as_bytes(v) for v in p["item_ids"]] for p in answer["predictions"]]
     assert got == [[as_bytes(v) for v in reversed(r)] for r in rows_in]
+
+
+@SETTINGS
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "FOO"]),
+    path=st.one_of(
+        st.text(max_size=40).map(lambda t: urllib.parse.quote(t, safe="/:%?=&")),
+        st.text(max_size=20).map(lambda t: "/v1/models/" + urllib.parse.quote(t, safe="/:")),
+        st.sampled_from(
+            [
+                "/",
+                "//",
+                "/v1/models",
+                "/v1/models/m/versions/1/labels/x",
+                "/v1/models/m:x",
+                "/v1/models/m/metadata/x",
+                "/v1/models/m:predict?x=1",
+                "/v1/models/m" + "/x" * 500,
+            ]
+        ),
+    ),
+)
+def test_rest_random_methods_and_paths(served, method, path):
+    """Any method on any path: a JSON error (or a status/metadata answer), never HTML."""
+    status, answer = rest(served, method, path if path.startswith("/") else "/" + path, b"{}")
+    assert status in CLEAN_HTTP | {501}, (method, path, status)
+    assert status == 200 or answer["error"]
+
+
+def test_rest_protocol_errors_are_json(served):
+    port = served["server"].rest_port
+    for request, expected in (
+        (b"GET /" + b"x" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET / HTTP/9.9\r\n\r\n", 505),
+        (b"BREW /v1/models/m HTTP/1.1\r\n\r\n", 501),
+        (b"GET /v1/models/m HTTP/1.1\r\nX: " + b"y" * 70_000 + b"\r\n\r\n", 431),
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+            conn.sendall(request)
+            conn.shutdown(socket.SHUT_WR)
+            response = conn.makefile("rb").read()
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert int(head.split()[1]) == expected, head
+        assert json.loads(body)["error"]
 
 
 def test_server_still_answers_after_fuzzing(served):
