@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 import numpy as np
 
 from serving.errors import invalid
-from serving.model_manager import SignatureInfo
+from serving.loaded_version import SignatureInfo
 
 MAX_JSON_DEPTH = 32  # nesting of a tensor value (rank) in a request body
 
