@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/pipeline
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-serving lock clean
+.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-serving bench-load lock clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,15 @@ bench-quality: venv
 
 bench-serving: venv
 	$(BIN)/python bench/serving.py
+
+# The server under load and faults, loopback only: the soak (32 clients, 20,000 requests,
+# three versions pushed during the run, one corrupt) and SIGKILL + restart mid-load. Uses
+# the model of `make demo` when there is one, else a synthetic model (bench/load.py).
+LOAD_MODEL ?= $(wildcard $(DEMO_DIR)/serving/dnc)
+LOAD_ARGS ?= $(if $(LOAD_MODEL),--model-template $(LOAD_MODEL))
+bench-load: venv
+	$(BIN)/python bench/load.py --scenario soak $(LOAD_ARGS) --out bench/results/load-soak
+	$(BIN)/python bench/load.py --scenario kill $(LOAD_ARGS) --out bench/results/load-kill
 
 # Re-resolve requirements.in into requirements.lock (needs the network to PyPI).
 lock:
