@@ -73,6 +73,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mixed-ratio", type=float, default=t.mixed_ratio)
     p.add_argument("--intent-weight", type=float, default=t.intent_weight)
     p.add_argument("--intent-encoder", default=t.intent_encoder, choices=INTENT_ENCODERS)
+    p.add_argument(
+        "--intent-recency",
+        type=float,
+        default=t.intent_recency,
+        help="initial recency slope of the pooled intent encoders (0: plain mean)",
+    )
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--eval-m", type=_int_list, default=t.eval_m)
     p.add_argument("--eval-users", type=int, default=t.eval_users)
@@ -128,6 +134,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         mixed_ratio=args.mixed_ratio,
         intent_weight=args.intent_weight,
         intent_encoder=args.intent_encoder,
+        intent_recency=args.intent_recency,
         epochs=args.epochs,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,

@@ -135,6 +135,10 @@ class TrainConfig:
             embedding of each history item's cluster, so the intent does not depend on
             item embeddings separating clusters, which an in-cluster loss never asks
             for) or ``tower`` (the Transformer with the identity prompt; a second pass).
+        intent_recency: initial slope of the pooled intent encoders' position logits
+            (the item s steps back starts at ``-intent_recency * s``; 0: a plain mean).
+            All-position training takes few, large steps, sometimes too few for
+            zero-initialised logits to learn that recent items matter most.
         epochs: maximum epochs.
         batch_size: samples per step.
         learning_rate: Adam learning rate.
@@ -158,6 +162,7 @@ class TrainConfig:
     mixed_ratio: float = 0.5
     intent_weight: float = 0.1
     intent_encoder: str = "pooled"
+    intent_recency: float = 0.0
     epochs: int = 20
     batch_size: int = 128
     learning_rate: float = 1e-3
@@ -189,6 +194,8 @@ class TrainConfig:
             raise ValueError(
                 f"unknown intent_encoder {self.intent_encoder!r}; expected one of {INTENT_ENCODERS}"
             )
+        if self.intent_recency < 0:
+            raise ValueError(f"intent_recency must be >= 0, got {self.intent_recency}")
         if self.intent_weight < 0:
             raise ValueError(f"intent_weight must be >= 0, got {self.intent_weight}")
         if not self.eval_m or min(self.eval_m) < 1:

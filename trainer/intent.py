@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+import numpy as np
 import tensorflow as tf
 
 from trainer.config import PAD_ID
@@ -25,16 +26,26 @@ class PooledHistoryEncoder(tf.keras.layers.Layer):
     Args:
         max_len: history length L.
         dim: output width.
+        recency: initial slope of the position logits: the item ``s`` steps back starts
+            with logit ``-recency * s`` (0: a plain mean). A prior that recent items
+            matter more, which the logits would otherwise need many steps to learn.
     """
 
-    def __init__(self, max_len: int, dim: int, **kwargs: Any) -> None:
+    def __init__(self, max_len: int, dim: int, recency: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if max_len < 1 or dim < 1:
             raise ValueError(f"max_len and dim must be >= 1, got {max_len}, {dim}")
+        if recency < 0:
+            raise ValueError(f"recency must be >= 0, got {recency}")
         self.max_len = max_len
         self.dim = dim
+        self.recency = float(recency)
+        initial = self.recency * (np.arange(max_len, dtype=np.float32) - (max_len - 1))
         self.position_logits = self.add_weight(
-            name="position_logits", shape=(max_len,), initializer="zeros", trainable=True
+            name="position_logits",
+            shape=(max_len,),
+            initializer=tf.keras.initializers.Constant(initial),
+            trainable=True,
         )
         self.dense = tf.keras.layers.Dense(dim, activation="gelu")
 
@@ -63,4 +74,9 @@ class PooledHistoryEncoder(tf.keras.layers.Layer):
         return self.dense(pooled)
 
     def get_config(self) -> Dict[str, Any]:
-        return {**super().get_config(), "max_len": self.max_len, "dim": self.dim}
+        return {
+            **super().get_config(),
+            "max_len": self.max_len,
+            "dim": self.dim,
+            "recency": self.recency,
+        }

@@ -34,6 +34,8 @@ class RetrievalModel(tfrs.Model):
             items), ``cluster`` or ``all``: what the full ``softmax`` normalises over.
         intent_encoder: ``pooled`` (cheap, default), ``pooled-clusters`` (also reads the
             history's clusters) or ``tower`` (Transformer, NO_TASK prompt).
+        intent_recency: initial recency slope of the pooled intent encoders' position
+            logits (``PooledHistoryEncoder``).
         item_cluster: [N + 1] cluster of each model item id (``-1`` for PAD_ID); needed by
             the ``softmax`` loss of in-cluster variants and by ``pooled-clusters``.
 
@@ -53,6 +55,7 @@ class RetrievalModel(tfrs.Model):
         intent_encoder: str = "pooled",
         item_cluster: Optional[np.ndarray] = None,
         softmax_scope: str = "auto",
+        intent_recency: float = 0.0,
     ) -> None:
         super().__init__()
         if intent_encoder not in INTENT_ENCODERS:
@@ -72,7 +75,7 @@ class RetrievalModel(tfrs.Model):
             self.user_tower = towers.build_user_tower(
                 model_config, variant.conditioning, num_items, num_clusters, self.item_embedding
             )
-        self.intent_pooling = PooledHistoryEncoder(model_config.max_len, dim)
+        self.intent_pooling = PooledHistoryEncoder(model_config.max_len, dim, intent_recency)
         self.intent_head = towers.IntentHead(num_clusters)
         if loss == "bce":
             self.retrieval_loss = losses.SampledBinaryCrossEntropy()

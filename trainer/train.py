@@ -159,6 +159,7 @@ def build_model(config: TrainConfig, items: data.ItemsTable) -> RetrievalModel:
         intent_encoder=config.intent_encoder,
         item_cluster=items.item_cluster,
         softmax_scope=config.softmax_scope,
+        intent_recency=config.intent_recency,
     )
 
 

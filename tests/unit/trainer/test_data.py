@@ -49,3 +49,21 @@ def test_pooled_intent_encoder_ignores_padding_and_round_trips_config():
     assert (clone.max_len, clone.dim) == (4, 3)
     with pytest.raises(ValueError, match="max_len and dim"):
         PooledHistoryEncoder(max_len=0, dim=3)
+
+
+def test_pooled_intent_encoder_recency_prior_weights_recent_items_more():
+    layer = PooledHistoryEncoder(max_len=4, dim=3, recency=0.5)
+    logits = layer.position_logits.numpy()
+    np.testing.assert_allclose(logits, [-1.5, -1.0, -0.5, 0.0])
+    # With a recency prior the output follows the last item more than a plain mean does.
+    weights = np.exp(logits) / np.exp(logits).sum()
+    embeddings = tf.random.stateless_normal([1, 4, 5], seed=[3, 4])
+    pooled = np.einsum("l,ld->d", weights, embeddings.numpy()[0])
+    want = layer.dense(pooled[None]).numpy()
+    np.testing.assert_allclose(
+        layer(tf.constant([[1, 2, 3, 4]]), embeddings).numpy(), want, rtol=1e-5
+    )
+    clone = PooledHistoryEncoder.from_config(layer.get_config())
+    assert clone.recency == 0.5
+    with pytest.raises(ValueError, match="recency"):
+        PooledHistoryEncoder(max_len=4, dim=3, recency=-1.0)
