@@ -92,7 +92,8 @@ def markdown(report: Dict[str, Any]) -> str:
             s.get("training", "prefix"),
             s.get("loss", "bce") + (f" ({s['softmax_scope']})" if "softmax_scope" in s else ""),
             "-" if s.get("loss") == "softmax" else str(s.get("num_negatives", 1)),
-            s.get("intent_encoder", "pooled"),
+            s.get("intent_encoder", "pooled")
+            + (f" (recency {s['intent_recency']})" if s.get("intent_recency") else ""),
             str(s.get("intent_weight", 0.1)),
             f"{bold}{row['validation']:.4f}{bold}",
         ]
@@ -184,8 +185,18 @@ def main() -> None:
             )
             summary = {k: v for k, v in result.items() if k != "history"}
             print(json.dumps({"validation": runs[-1]["validation"], **summary}), flush=True)
+            write_report(args, monitor, runs)  # after every run: a cut-off run keeps its results
+    write_report(args, monitor, runs, final=True)
+
+
+def write_report(
+    args: argparse.Namespace, monitor: int, runs: List[Dict[str, Any]], final: bool = False
+) -> None:
+    """Selects per variant on validation (with ``--include`` runs) and writes OUT.json/.md."""
     for path in args.include:
         runs = load_runs(path, args) + runs
+    for run in runs:
+        run["selected"] = False
     selected = {}
     for variant in sorted({r["variant"] for r in runs}, key=lambda v: v != "sasrec"):
         best = max((r for r in runs if r["variant"] == variant), key=lambda r: r["validation"])
@@ -195,6 +206,7 @@ def main() -> None:
         stats = json.load(f)
     report = {
         "benchmark": "tune",
+        "complete": final,
         "title": args.title or f"{stats['source']}: each variant tuned on validation",
         "data": {"dir": args.data, **{k: stats[k] for k in ("source", "users", "items")}},
         "monitor": monitor,
@@ -211,7 +223,7 @@ def main() -> None:
         json.dump(report, f, indent=2, sort_keys=True, default=str)
     with open(args.out + ".md", "w", encoding="utf-8") as f:
         f.write(markdown(report))
-    print(f"wrote {args.out}.json and {args.out}.md")
+    print(f"wrote {args.out}.json and {args.out}.md", flush=True)
 
 
 if __name__ == "__main__":
