@@ -6,6 +6,7 @@ Graph (every step runs on any Beam runner; DirectRunner by default):
            -> per-user events -> order (+ optional de-dup)
            -> min-count filter rounds (unrolled; ``until_stable`` or ``once``)
            -> leave-one-out split (short users counted and dropped)
+           -> guard: ``EmptyDataError`` if nothing is left (before any clustering)
            -> clustering fit on train sequences only (one worker, a side input)
            -> raw records (one per user per split) -> TFT analyze (full
               sequences) + transform (all splits) -> TFRecords
@@ -30,6 +31,7 @@ from tensorflow_transform import coders as tft_coders
 
 from preprocessing import clustering, features, sequences, transform
 from preprocessing.config import PreprocessConfig
+from preprocessing.errors import EmptyDataError
 from preprocessing.sources import read_source
 
 STATS_PART = "_stats_part.json"
@@ -130,6 +132,45 @@ def _rejected_json(row) -> str:
     return json.dumps(row._asdict(), ensure_ascii=False, sort_keys=True)
 
 
+def check_not_empty(config: PreprocessConfig, counts: Mapping[str, Any]) -> int:
+    """Raises ``EmptyDataError`` naming the cause if no user is left to split.
+
+    Args:
+        config: the run's settings (the filter settings are named in the message).
+        counts: ``rows_read``, ``interactions_read``, ``rejected_rows``,
+            ``skipped_by_reason``, ``users_before_filter``, ``items_before_filter``,
+            ``users_after_filter`` and ``users`` (after the split).
+
+    Returns:
+        The number of users (> 0).
+    """
+    if counts["users"] > 0:
+        return counts["users"]
+    where = config.source.input or config.source.name
+    if counts["interactions_read"] == 0:
+        skipped = sum(counts["skipped_by_reason"].values())
+        raise EmptyDataError(
+            f"no valid interactions in {where}: {counts['rows_read']} rows read, "
+            f"{counts['rejected_rows']} rejected, {skipped} skipped by policy "
+            f"{dict(sorted(counts['skipped_by_reason'].items()))}"
+        )
+    settings = (
+        f"min_item_interactions={config.min_item_interactions}, "
+        f"min_user_interactions={config.min_user_interactions}, "
+        f"filter_mode={config.filter_mode}"
+    )
+    if counts["users_after_filter"] == 0:
+        raise EmptyDataError(
+            f"no users left after the min-count filters ({settings}): "
+            f"{counts['users_before_filter']} users and {counts['items_before_filter']} items "
+            "before filtering; lower the minimum counts"
+        )
+    raise EmptyDataError(
+        f"no user has the {sequences.MIN_SPLIT_LENGTH} interactions the leave-one-out split "
+        f"needs: all {counts['users_after_filter']} users are too short ({settings})"
+    )
+
+
 def _filter_rounds(
     user_events: beam.PCollection, config: PreprocessConfig
 ) -> Tuple[beam.PCollection, int]:
@@ -172,6 +213,17 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, staging: str) -> 
         "too_short", main="users"
     )
     users = split.users
+    counts = _counts(source, user_events, filtered, users)
+    # A side input of FitClusters, so an empty result fails here, before any clustering.
+    guard = (
+        p
+        | "GuardSeed" >> beam.Create([None])
+        | "CheckNotEmpty"
+        >> beam.Map(
+            lambda _, **kw: check_not_empty(config, kw),
+            **{name: beam.pvalue.AsSingleton(counts[name]) for name in _GUARD_COUNTS},
+        )
+    )
 
     collected = users | "CollectUsers" >> beam.CombineGlobally(
         _CollectFn(sort_key=lambda s: s.user_id)
@@ -183,7 +235,11 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, staging: str) -> 
         | "ItemCategories" >> beam.Map(_item_categories, table_rows=beam.pvalue.AsList(table_rows))
     )
     assignment = collected | "FitClusters" >> beam.Map(
-        _fit_clusters, categories=beam.pvalue.AsSingleton(categories), config=config
+        lambda split_users, categories, users_checked: _fit_clusters(
+            split_users, categories, config
+        ),
+        categories=beam.pvalue.AsSingleton(categories),
+        users_checked=beam.pvalue.AsSingleton(guard),
     )
     item_to_cluster = assignment | "ItemToCluster" >> beam.Map(lambda a: a.item_to_cluster)
     raw_records = users | "Records" >> beam.FlatMap(
@@ -230,24 +286,59 @@ def build_pipeline(p: beam.Pipeline, config: PreprocessConfig, staging: str) -> 
             os.path.join(staging, features.CLUSTERS_FILE), shard_name_template=""
         )
     )
-    _write_stats(p, config, staging, source, filtered, users, split.too_short, assignment, rounds)
+    _write_stats(p, config, staging, counts, filtered, users, split.too_short, assignment, rounds)
 
 
-def _write_stats(p, config, staging, source, filtered, users, too_short, assignment, rounds):
+_GUARD_COUNTS = (
+    "rows_read",
+    "interactions_read",
+    "rejected_rows",
+    "skipped_by_reason",
+    "users_before_filter",
+    "items_before_filter",
+    "users_after_filter",
+    "users",
+)
+
+
+def _counts(source, user_events, filtered, users) -> Dict[str, beam.PCollection]:
+    """Single-element count PCollections shared by the guard and the stats."""
+    return {
+        "rows_read": source.rows_read,
+        "accepted_rows": source.accepted_rows,
+        "interactions_read": _count(source.interactions, "CountRead"),
+        "item_table_rows": _count(source.item_categories, "CountItemRows"),
+        "rejected_rows": _count(source.rejected, "CountRejected"),
+        "rejected_by_reason": _count_by(source.rejected, lambda r: r.reason, "RejectReasons"),
+        "skipped_by_reason": _count_by(source.skipped, lambda r: r.reason, "SkipReasons"),
+        "users_before_filter": _count(user_events, "CountUsersBeforeFilter"),
+        "items_before_filter": user_events
+        | "ItemsBeforeFilter" >> beam.CombineGlobally(sequences.ItemCountsFn())
+        | "CountItemsBeforeFilter" >> beam.Map(len),
+        "users_after_filter": _count(filtered, "CountUsersAfterFilter"),
+        "users": _count(users, "CountUsers"),
+    }
+
+
+def _write_stats(p, config, staging, counts, filtered, users, too_short, assignment, rounds):
     final_counts = filtered | "FinalItemCounts" >> beam.CombineGlobally(sequences.ItemCountsFn())
     min_length = (
         filtered
         | "UserLengths" >> beam.Map(lambda kv: len(kv[1]))
         | "MinLength" >> beam.CombineGlobally(lambda xs: min(xs, default=0))
     )
+    stat_names = (
+        "rows_read",
+        "accepted_rows",
+        "interactions_read",
+        "item_table_rows",
+        "rejected_rows",
+        "rejected_by_reason",
+        "skipped_by_reason",
+        "users",
+    )
     parts = {
-        "rows_read": source.rows_read,
-        "interactions_read": _count(source.interactions, "CountRead"),
-        "item_table_rows": _count(source.item_categories, "CountItemRows"),
-        "rejected_rows": _count(source.rejected, "CountRejected"),
-        "rejected_by_reason": _count_by(source.rejected, lambda r: r.reason, "RejectReasons"),
-        "skipped_by_reason": _count_by(source.skipped, lambda r: r.reason, "SkipReasons"),
-        "users": _count(users, "CountUsers"),
+        **{name: counts[name] for name in stat_names},
         "interactions": users
         | "Lengths" >> beam.Map(lambda s: len(s.items))
         | "SumLengths" >> beam.CombineGlobally(sum),
@@ -279,6 +370,12 @@ def _assemble_stats(config: PreprocessConfig, rounds: int, **kw) -> Dict[str, An
         config.min_item_interactions,
         config.min_user_interactions,
     )
+    skipped = sum(kw["skipped_by_reason"].values())
+    if kw["accepted_rows"] + kw["rejected_rows"] + skipped != kw["rows_read"]:
+        raise RuntimeError(
+            f"row accounting is broken: {kw['accepted_rows']} accepted + "
+            f"{kw['rejected_rows']} rejected + {skipped} skipped != {kw['rows_read']} rows read"
+        )
     sizes = collections.Counter(assignment.item_to_cluster.values())
     return {
         **kw,
@@ -287,7 +384,7 @@ def _assemble_stats(config: PreprocessConfig, rounds: int, **kw) -> Dict[str, An
         "cluster_sizes": [sizes.get(k, 0) for k in range(assignment.num_clusters)],
         "cluster_names": list(assignment.names),
         "clustering": config.clustering.method,
-        "skipped_rows": sum(kw["skipped_by_reason"].values()),
+        "skipped_rows": skipped,
         "filter": {
             "mode": config.filter_mode,
             "min_item_interactions": config.min_item_interactions,

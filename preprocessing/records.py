@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 MAX_RAW_CHARS = 500  # raw text kept in a quarantine row
+MAX_SHOWN_CHARS = 100  # a value quoted in a quarantine row's detail
 
 
 class Interaction(NamedTuple):
@@ -65,6 +66,14 @@ def raw_text(raw: Union[bytes, str]) -> str:
     text = text.rstrip("\r\n")
     if len(text) > MAX_RAW_CHARS:
         text = text[:MAX_RAW_CHARS] + "...[truncated]"
+    return text
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, truncated to ``MAX_SHOWN_CHARS``, for messages and row details."""
+    text = repr(value)
+    if len(text) > MAX_SHOWN_CHARS:
+        text = text[:MAX_SHOWN_CHARS] + "...[truncated]"
     return text
 
 

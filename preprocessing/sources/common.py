@@ -8,6 +8,12 @@ skipped rows + rejected rows = ``rows_read``. A raw row is one line of a text
 file (header lines excluded), one Parquet record or one entry of a JSON item
 table. Only ``sequences`` turns one accepted row (a user's line) into several
 ``Interaction`` rows; every other source emits exactly one result per row.
+``row_outcome`` enforces the shapes (one ``Rejected``, one ``Skipped``, or
+accepted records only) and ``SourceOutputs.accepted_rows`` counts accepted rows,
+so the invariant is checked on every run (``stats.json``). Parsers never raise on
+row content: hostile rows (random bytes, NUL, bad encodings, huge fields, wrong
+separators, ...) are quarantined; only a wholly unreadable file raises
+``InputError``, before the pipeline runs.
 
 Each source module provides pure parse functions ``(source, raw) -> list of
 ParseResult`` and a Beam function ``read_<name>(pipeline, config)``. The shared
@@ -26,6 +32,7 @@ import importlib
 import math
 import os
 import re
+import zlib
 from typing import Any, Callable, Iterable, List, NamedTuple, Sequence
 
 import apache_beam as beam
@@ -41,15 +48,19 @@ from preprocessing.records import (
     Rejected,
     Skipped,
     raw_text,
+    shown,
     valid_id,
 )
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_INT64_DIGITS = 19  # digits of INT64_MAX; longer numbers are out of range
 _INTEGER = re.compile(r"-?[0-9]+")
+# ASCII decimal notation only: float() also takes "1_000", "٣" (Arabic-Indic three) and "ｉｎｆ".
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _GLOB_CHARS = frozenset("*?[")
 
 # Output tags of ``parse_rows``; interactions are the main output.
-ITEMS, REJECTED, SKIPPED = "items", "rejected", "skipped"
+ITEMS, REJECTED, SKIPPED, ACCEPTED = "items", "rejected", "skipped", "accepted"
 
 
 class InputError(Exception):
@@ -74,6 +85,8 @@ class SourceOutputs(NamedTuple):
         skipped: ``Skipped`` rows (left out by policy, e.g. ``is_click == 0``).
         rows_read: a single-element PCollection: the number of raw rows read,
             interaction rows and item-table rows together.
+        accepted_rows: a single-element PCollection: the number of raw rows
+            accepted (a sequence line counts once, however many items it has).
     """
 
     interactions: beam.PCollection
@@ -81,6 +94,11 @@ class SourceOutputs(NamedTuple):
     rejected: beam.PCollection
     skipped: beam.PCollection
     rows_read: beam.PCollection
+    accepted_rows: beam.PCollection
+
+
+# Single-element count fields of ``SourceOutputs`` (summed, not flattened, on merge).
+COUNT_FIELDS = ("rows_read", "accepted_rows")
 
 
 # --------------------------------------------------------------------------- files
@@ -136,10 +154,41 @@ def nonempty_files(files: Sequence[FileInfo], pattern: str, what: str) -> List[s
 
 
 def read_first_line(path: str) -> bytes:
-    """The first line of a (possibly compressed) text file, without the line break."""
-    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as handle:
-        line = handle.readline()
+    """The first line of a (possibly compressed) text file, without the line break.
+
+    Raises:
+        InputError: the file cannot be opened or decompressed.
+    """
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as handle:
+            line = handle.readline()
+    except (OSError, EOFError, zlib.error, BeamIOError) as error:
+        raise InputError(path, f"unreadable file ({type(error).__name__}: {error})") from None
     return line.rstrip(b"\r\n")
+
+
+def check_gzip_complete(path: str, chunk_bytes: int = 1 << 20) -> None:
+    """Decompresses a ``.gz`` file to its end: Beam's reader stops silently at a
+    truncated stream, which would lose the rest of the file without a trace.
+
+    Raises:
+        InputError: the file is not gzip, is corrupt, or is truncated.
+    """
+    members, in_member = 0, False
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            stream = zlib.decompressobj(wbits=31)
+            while data := handle.read(chunk_bytes):
+                while data:
+                    stream.decompress(data, chunk_bytes)  # bounded output: no zip bomb
+                    in_member, data = True, stream.unconsumed_tail
+                    if stream.eof:  # a member ended; another may follow
+                        data, members, in_member = stream.unused_data, members + 1, False
+                        stream = zlib.decompressobj(wbits=31)
+    except (OSError, zlib.error, BeamIOError) as error:
+        raise InputError(path, f"unreadable file ({type(error).__name__}: {error})") from None
+    if in_member or not members:
+        raise InputError(path, "unreadable file (truncated gzip: no end-of-stream marker)")
 
 
 def header_names(line: bytes) -> List[str]:
@@ -188,7 +237,7 @@ def require_id(value: str, field: str) -> str:
     if not value:
         raise RowError("empty_id", f"{field} is empty")
     if not valid_id(value):
-        raise RowError("invalid_id", f"{field} {value!r} has whitespace or control characters")
+        raise RowError("invalid_id", f"{field} {shown(value)} has whitespace or control characters")
     return value
 
 
@@ -200,26 +249,45 @@ def require_int(value: str, field: str, reason: str = "bad_value") -> int:
     """
     text = value.strip()
     if not _INTEGER.fullmatch(text):
-        raise RowError(reason, f"{field} {value!r} is not an integer")
+        raise RowError(reason, f"{field} {shown(value)} is not an integer")
+    # int() refuses strings of more than 4300 digits (a ValueError): check the
+    # length first, so that a huge number is an out-of-range row, not a crash.
+    if len(text.lstrip("-").lstrip("0")) > _INT64_DIGITS:
+        raise RowError(reason, f"{field} {shown(value)} is out of the int64 range")
     number = int(text)
     if not INT64_MIN <= number <= INT64_MAX:
-        raise RowError(reason, f"{field} {value!r} is out of the int64 range")
+        raise RowError(reason, f"{field} {shown(value)} is out of the int64 range")
     return number
 
 
 def require_float(value: str, field: str, reason: str = "bad_value") -> float:
-    """Parses a finite float.
+    """Parses a finite float written in ASCII decimal notation (``4``, ``-0.5``, ``1e3``).
 
     Raises:
         RowError: with ``reason`` if ``value`` is not a finite number.
     """
-    try:
-        number = float(value.strip())
-    except ValueError:
-        raise RowError(reason, f"{field} {value!r} is not a number") from None
+    text = value.strip()
+    if not _FLOAT.fullmatch(text):
+        raise RowError(reason, f"{field} {shown(value)} is not a number")
+    number = float(text)
     if not math.isfinite(number):
-        raise RowError(reason, f"{field} {value!r} is not finite")
+        raise RowError(reason, f"{field} {shown(value)} is not finite")
     return number
+
+
+def require_category(value: str, field: str) -> str:
+    """Returns ``value`` stripped; ``""`` means no category.
+
+    Inner spaces are allowed (``Skin Care``); control characters are not, since
+    categories are written to CSV, JSON and text files downstream.
+
+    Raises:
+        RowError: ``invalid_category`` if ``value`` has non-printable characters.
+    """
+    value = value.strip()
+    if not value.isprintable():
+        raise RowError("invalid_category", f"{field} {shown(value)} has control characters")
+    return value
 
 
 def require_field_count(fields: Sequence[str], expected: Iterable[int], what: str) -> None:
@@ -248,9 +316,10 @@ def text_row_parser(encoding: str = "utf-8") -> Callable[[Callable[..., List[Par
     """Decorator for parsers of one text line: ``parse(source, text, ...)``.
 
     The decorated function takes the raw ``bytes`` line instead: it is decoded
-    with ``encoding`` (failure: ``Rejected`` reason ``bad_encoding``), a blank
-    line is ``Skipped`` with reason ``blank_line``, and a ``RowError`` raised by
-    ``parse`` becomes a ``Rejected`` row carrying the raw line.
+    with ``encoding`` (failure: ``Rejected`` reason ``bad_encoding``), a leading
+    byte order mark (U+FEFF, written by some editors at the start of a file) is
+    removed, a blank line is ``Skipped`` with reason ``blank_line``, and a
+    ``RowError`` raised by ``parse`` becomes a ``Rejected`` row carrying the raw line.
     """
 
     def decorate(parse: Callable[..., List[ParseResult]]) -> Callable[..., List[ParseResult]]:
@@ -261,7 +330,7 @@ def text_row_parser(encoding: str = "utf-8") -> Callable[[Callable[..., List[Par
                 text = line.decode(encoding)
             except UnicodeDecodeError as error:
                 raise RowError("bad_encoding", f"not {encoding}: {error.reason}") from None
-            text = text.rstrip("\r\n")
+            text = text.rstrip("\r\n").removeprefix("\ufeff")
             if not text.strip():
                 return [Skipped(source, "blank_line")]
             return parse(source, text, *args, **kwargs)
@@ -291,6 +360,22 @@ def read_lines(
     )
 
 
+def row_outcome(results: Sequence[ParseResult]) -> str:
+    """The outcome of one raw row from its parse results: ``accepted``, ``rejected`` or ``skipped``.
+
+    Raises:
+        ValueError: the results break the contract (none, or a ``Rejected`` or
+            ``Skipped`` mixed with anything else): a bug in a parser.
+    """
+    kinds = [
+        REJECTED if isinstance(r, Rejected) else SKIPPED if isinstance(r, Skipped) else ACCEPTED
+        for r in results
+    ]
+    if kinds and (set(kinds) == {ACCEPTED} or kinds in ([REJECTED], [SKIPPED])):
+        return kinds[0]
+    raise ValueError(f"parser results break the one-outcome-per-row contract: {shown(results)}")
+
+
 class _RouteDoFn(beam.DoFn):
     """Parses ``(source, raw)`` rows; routes results to tagged outputs; counts rows."""
 
@@ -301,27 +386,25 @@ class _RouteDoFn(beam.DoFn):
     def setup(self) -> None:
         counter = functools.partial(beam.metrics.Metrics.counter, self._namespace)
         self._rows = counter("rows_read")
-        self._outcomes = {name: counter(f"rows_{name}") for name in ("accepted", REJECTED, SKIPPED)}
+        self._outcomes = {name: counter(f"rows_{name}") for name in (ACCEPTED, REJECTED, SKIPPED)}
 
     def process(self, element: tuple):
         source, raw = element
         results = self._parse(source, raw)
         self._rows.inc()
-        if not results:
-            raise ValueError(f"parser returned no result for a row of {source}: {raw!r}")
-        outcome = "accepted"
+        outcome = row_outcome(results)
+        self._outcomes[outcome].inc()
+        if outcome == ACCEPTED:
+            yield beam.pvalue.TaggedOutput(ACCEPTED, 1)
         for result in results:
             if isinstance(result, Interaction):
                 yield result
             elif isinstance(result, Rejected):
-                outcome = REJECTED
                 yield beam.pvalue.TaggedOutput(REJECTED, result)
             elif isinstance(result, Skipped):
-                outcome = SKIPPED
                 yield beam.pvalue.TaggedOutput(SKIPPED, result)
             else:
                 yield beam.pvalue.TaggedOutput(ITEMS, result)
-        self._outcomes[outcome].inc()
 
 
 def parse_rows(
@@ -337,33 +420,37 @@ def parse_rows(
         label: unique label prefix; also the namespace of the row counters.
 
     Returns:
-        The outputs of these rows; ``rows_read`` counts ``rows``.
+        The outputs of these rows; ``rows_read`` counts ``rows`` (independently
+        of the parser) and ``accepted_rows`` the rows accepted.
     """
     parsed = rows | f"{label}/Parse" >> beam.ParDo(_RouteDoFn(parse, label)).with_outputs(
-        ITEMS, REJECTED, SKIPPED, main="interactions"
+        ITEMS, REJECTED, SKIPPED, ACCEPTED, main="interactions"
     )
     count = rows | f"{label}/CountRows" >> beam.combiners.Count.Globally()
+    accepted = parsed[ACCEPTED] | f"{label}/CountAccepted" >> beam.combiners.Count.Globally()
     return SourceOutputs(
-        parsed.interactions, parsed[ITEMS], parsed[REJECTED], parsed[SKIPPED], count
+        parsed.interactions, parsed[ITEMS], parsed[REJECTED], parsed[SKIPPED], count, accepted
     )
 
 
 def merge_outputs(
     pipeline: beam.Pipeline, parts: Sequence[SourceOutputs], label: str
 ) -> SourceOutputs:
-    """Flattens the outputs of several inputs into one ``SourceOutputs``."""
+    """Flattens the outputs of several inputs into one ``SourceOutputs`` (counts summed)."""
 
-    def flatten(index: int, name: str) -> beam.PCollection:
-        pcolls = tuple(part[index] for part in parts)
+    def merge(name: str) -> beam.PCollection:
+        pcolls = tuple(getattr(part, name) for part in parts)
         if not pcolls:
-            return pipeline | f"{label}/Empty{name}" >> beam.Create([])
-        return pcolls | f"{label}/Flatten{name}" >> beam.Flatten(pipeline=pipeline)
+            empty = pipeline | f"{label}/Empty{name}" >> beam.Create([])
+            if name not in COUNT_FIELDS:
+                return empty
+            return empty | f"{label}/Zero{name}" >> beam.CombineGlobally(sum)
+        merged = pcolls | f"{label}/Flatten{name}" >> beam.Flatten(pipeline=pipeline)
+        if name in COUNT_FIELDS:
+            merged = merged | f"{label}/Sum{name}" >> beam.CombineGlobally(sum)
+        return merged
 
-    merged = [flatten(i, name) for i, name in enumerate(SourceOutputs._fields[:-1])]
-    rows_read = flatten(len(SourceOutputs._fields) - 1, "RowCounts") | (
-        f"{label}/SumRows" >> beam.CombineGlobally(sum)
-    )
-    return SourceOutputs(*merged, rows_read)
+    return SourceOutputs(*(merge(name) for name in SourceOutputs._fields))
 
 
 # ------------------------------------------------------------------------ dispatch

@@ -21,7 +21,9 @@ Rules:
 
 Rejection reasons: ``bad_encoding``, ``bad_csv`` (unparsable quoting),
 ``wrong_field_count``, ``empty_id``, ``invalid_id``, ``non_integer_timestamp``,
-``bad_value`` (``is_click``/``tab`` not an integer). Blank lines are ``Skipped``.
+``bad_value`` (``is_click``/``tab`` not an integer), ``invalid_category`` (a
+tag with control characters). Blank lines are ``Skipped``. A field longer than
+the ``csv`` module's limit (128 KiB) is ``bad_csv``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from preprocessing.sources.common import (
     parse_rows,
     read_first_line,
     read_lines,
+    require_category,
     require_field_count,
     require_id,
     require_int,
@@ -169,7 +172,7 @@ def parse_video_line(source: str, text: str, columns: Columns) -> List[ParseResu
     """
     fields = _csv_fields(text, columns)
     item_id = require_id(fields[columns["video_id"]], "video_id")
-    tag = fields[columns["tag"]].strip()
+    tag = require_category(fields[columns["tag"]], "tag")
     if not tag or tag.lower() == "nan":
         return [Skipped(source, "no_category")]
     return [ItemCategory(item_id, tag)]

@@ -13,8 +13,10 @@ Rules:
       ``Animation``); a movie without genres is ``Skipped`` (``no_category``).
 
 Rejection reasons: ``bad_encoding`` (ratings only), ``wrong_field_count``,
-``empty_id``, ``invalid_id``, ``bad_rating``, ``non_integer_timestamp``.
-Blank lines are ``Skipped`` (``blank_line``).
+``empty_id``, ``invalid_id``, ``bad_rating``, ``non_integer_timestamp``,
+``invalid_category`` (a genre with control characters). Blank lines are
+``Skipped`` (``blank_line``). Both files are probed (first line read) before the
+pipeline runs: an unreadable file raises ``InputError``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from preprocessing.sources.common import (
     merge_outputs,
     nonempty_files,
     parse_rows,
+    read_first_line,
     read_lines,
+    require_category,
     require_field_count,
     require_float,
     require_id,
@@ -70,6 +74,8 @@ def locate(input_path: str) -> Ml1mFiles:
     ratings_path = FileSystems.join(directory, RATINGS)
     (ratings,) = nonempty_files(match_files(ratings_path), ratings_path, RATINGS)
     movies = [f.path for f in match_files(FileSystems.join(directory, MOVIES)) if f.size > 0]
+    for path in [ratings, *movies]:
+        read_first_line(path)  # InputError if unreadable
     return Ml1mFiles(ratings, movies[0] if movies else None)
 
 
@@ -110,7 +116,7 @@ def parse_movie_line(source: str, text: str) -> List[ParseResult]:
     fields = text.split(SEPARATOR)
     require_field_count(fields, (3,), "MovieID::Title::Genres")
     item_id = require_id(fields[0], "MovieID")
-    genre = fields[2].split("|")[0].strip()
+    genre = require_category(fields[2].split("|")[0], "Genres")
     if not genre:
         return [Skipped(source, "no_category")]
     return [ItemCategory(item_id, genre)]

@@ -20,8 +20,11 @@ sub-categories, shared by many items, thus win over brands. An item with an
 empty list is ``Skipped`` (``no_category``).
 
 Rejection reasons: ``bad_encoding``, ``empty_id``, ``invalid_id``, ``no_items``
-(lines); ``bad_json`` (whole file unparsable: one row), ``bad_value`` (an
-attribute list that is not a list of non-empty strings/integers) (JSON entries).
+(lines); ``bad_json`` (whole file unparsable, or nested too deeply: one row),
+``bad_value`` (an attribute list that is not a list of non-empty printable
+strings/integers), ``duplicate_id`` (an item id repeated in the JSON object: the
+first entry is used, each later one is quarantined) (JSON entries). Both files
+are probed before the pipeline runs: an unreadable one raises ``InputError``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from preprocessing.config import SourceConfig
-from preprocessing.records import Interaction, ItemCategory, ParseResult, Skipped
+from preprocessing.records import Interaction, ItemCategory, ParseResult, Skipped, shown
 from preprocessing.sources.common import (
     InputError,
     RowError,
@@ -45,6 +48,7 @@ from preprocessing.sources.common import (
     nonempty_files,
     parse_rows,
     quarantining,
+    read_first_line,
     read_lines,
     require_id,
     text_row_parser,
@@ -83,6 +87,8 @@ def locate(input_path: str) -> SequenceFiles:
     (path,) = nonempty_files(txt, input_path, "sequence file (*.txt)")
     stem = path[: -len(".txt")] if path.endswith(".txt") else path
     attributes = [f.path for f in match_files(stem + ATTRIBUTES_SUFFIX) if f.size > 0]
+    for probed in [path, *attributes]:
+        read_first_line(probed)  # InputError if unreadable
     return SequenceFiles(path, attributes[0] if attributes else None)
 
 
@@ -97,30 +103,69 @@ def parse_sequence_line(source: str, text: str) -> List[ParseResult]:
     user_id = require_id(tokens[0], "user id")
     items = [require_id(token, f"item {position}") for position, token in enumerate(tokens[1:])]
     if not items:
-        raise RowError("no_items", f"user {user_id!r} has no item")
+        raise RowError("no_items", f"user {shown(user_id)} has no item")
     return [Interaction(user_id, item, position) for position, item in enumerate(items)]
 
 
+class AttributeEntry(NamedTuple):
+    """One entry of an item2attributes object, as read (before validation).
+
+    Attributes:
+        item_id: the JSON key.
+        attributes: the JSON value (anything).
+        duplicate: the key already appeared earlier in the object.
+    """
+
+    item_id: str
+    attributes: Any
+    duplicate: bool = False
+
+
+class _Pairs(list):
+    """A JSON object kept as its ``(key, value)`` pairs, so repeated keys are seen."""
+
+
+def _parse_json(raw: bytes) -> Any:
+    """``raw`` parsed as UTF-8 JSON with objects as ``_Pairs``.
+
+    Raises:
+        RowError: ``bad_encoding`` or ``bad_json`` (syntax, or nested too deeply).
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RowError("bad_encoding", f"not utf-8: {error.reason}") from None
+    try:
+        return json.loads(text, object_pairs_hook=_Pairs)
+    except RecursionError:
+        raise RowError("bad_json", "nested too deeply") from None
+    except ValueError as error:
+        raise RowError("bad_json", str(error)) from None
+
+
 def load_attribute_entries(path: str) -> Iterator[Tuple[str, Any]]:
-    """Yields ``(path, (item_id, attributes))`` per JSON entry, or ``(path, raw bytes)``
-    once if the file is not a UTF-8 JSON object."""
+    """Yields ``(path, AttributeEntry)`` per JSON entry (repeated keys included), or
+    ``(path, raw bytes)`` once if the file is not a UTF-8 JSON object."""
     with FileSystems.open(path) as handle:
         raw = handle.read()
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        data = _parse_json(raw)
+    except RowError:
         data = None
-    if not isinstance(data, dict):
+    if not isinstance(data, _Pairs):
         yield path, raw
         return
-    for item_id, attributes in data.items():
-        yield path, (item_id, attributes)
+    seen = set()
+    for item_id, attributes in data:
+        yield path, AttributeEntry(item_id, attributes, item_id in seen)
+        seen.add(item_id)
 
 
 def _attribute(value: Any, item_id: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip():
-        raise RowError("bad_value", f"item {item_id!r}: attribute {value!r} is not an id")
-    return str(value).strip()
+    text = str(value).strip() if isinstance(value, (int, str)) else ""
+    if isinstance(value, bool) or not text or not text.isprintable():
+        raise RowError("bad_value", f"item {shown(item_id)}: attribute {shown(value)} is not an id")
+    return text
 
 
 @quarantining
@@ -129,26 +174,23 @@ def parse_attribute_entry(source: str, entry: Any) -> List[Any]:
 
     Args:
         source: the JSON file.
-        entry: ``(item_id, attributes)``, or the file's raw bytes if unparsable.
+        entry: an ``AttributeEntry`` (or a plain ``(item_id, attributes)``
+            pair), or the file's raw bytes if unparsable.
 
     Returns:
         One ``ItemAttributes`` (distinct attributes, in order), ``Skipped``
         (``no_category``) or ``Rejected``.
     """
     if isinstance(entry, bytes):
-        try:
-            text = entry.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise RowError("bad_encoding", f"not utf-8: {error.reason}") from None
-        try:
-            json.loads(text)
-        except ValueError as error:
-            raise RowError("bad_json", str(error)) from None
+        _parse_json(entry)  # raises the precise RowError
         raise RowError("bad_json", "the top level is not an object")
-    key, values = entry
-    item_id = require_id(key, "item id")
-    if not isinstance(values, list):
-        raise RowError("bad_value", f"item {item_id!r}: attributes {values!r} are not a list")
+    item_id = require_id(entry[0], "item id")
+    values = entry[1]
+    if len(entry) > 2 and entry[2]:
+        raise RowError("duplicate_id", f"item {shown(item_id)} repeats an earlier key")
+    if isinstance(values, _Pairs) or not isinstance(values, list):
+        detail = f"item {shown(item_id)}: attributes {shown(values)} are not a list"
+        raise RowError("bad_value", detail)
     attributes = tuple(dict.fromkeys(_attribute(v, item_id) for v in values))
     if not attributes:
         return [Skipped(source, "no_category")]

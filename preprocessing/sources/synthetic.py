@@ -383,8 +383,9 @@ def read_synthetic(
 
     Returns:
         ``SourceOutputs``: interactions, one ``ItemCategory`` per item, empty
-        rejected/skipped, and ``rows_read`` = interactions + items, so that the
-        source invariant (accepted + skipped + rejected = rows read) holds.
+        rejected/skipped, and ``rows_read`` = ``accepted_rows`` = interactions +
+        items, so that the source invariant (accepted + skipped + rejected =
+        rows read) holds.
 
     Raises:
         ValueError: ``users_per_chunk`` is below 1.
@@ -413,4 +414,4 @@ def read_synthetic(
         | f"{label}FlattenCounts" >> beam.Flatten()
         | f"{label}RowsRead" >> beam.CombineGlobally(sum)
     )
-    return SourceOutputs(interactions, item_categories, rejected, skipped, rows_read)
+    return SourceOutputs(interactions, item_categories, rejected, skipped, rows_read, rows_read)

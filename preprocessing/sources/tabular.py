@@ -17,7 +17,11 @@ integers, null/NaN as empty) and validated exactly like CSV fields.
 ``SourceConfig.min_rating`` does not apply: these files carry no rating.
 
 Rejection reasons: ``bad_encoding``, ``bad_csv``, ``wrong_field_count``,
-``empty_id``, ``invalid_id``, ``non_integer_timestamp``. Blank lines are ``Skipped``.
+``empty_id``, ``invalid_id``, ``non_integer_timestamp``, ``invalid_category``
+(control characters). Blank lines are ``Skipped``. A file that cannot be opened,
+decompressed (a ``.gz`` file is decompressed to its end: Beam's reader would stop
+silently at a truncated stream) or (Parquet) whose footer cannot be read raises
+``InputError`` before the pipeline runs.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 from typing import Any, Dict, List, Mapping, NamedTuple, Sequence, Tuple
 
 import apache_beam as beam
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -38,6 +43,7 @@ from preprocessing.sources.common import (
     InputError,
     RowError,
     SourceOutputs,
+    check_gzip_complete,
     header_names,
     is_dir,
     is_glob,
@@ -48,6 +54,7 @@ from preprocessing.sources.common import (
     quarantining,
     read_first_line,
     read_lines,
+    require_category,
     require_field_count,
     require_id,
     require_int,
@@ -76,10 +83,13 @@ def parquet_columns(path: str) -> Tuple[str, ...]:
     """The columns to read from a Parquet file.
 
     Raises:
-        InputError: a required column is missing.
+        InputError: the file is not readable Parquet, or a required column is missing.
     """
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        names = pq.read_schema(handle).names
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            names = pq.read_schema(handle).names
+    except (OSError, pa.ArrowException) as error:
+        raise InputError(path, f"not a readable Parquet file ({error})") from None
     missing = [name for name in REQUIRED if name not in names]
     if missing:
         raise InputError(path, f"Parquet columns {names} lack {missing}")
@@ -98,6 +108,9 @@ def locate(input_path: str) -> TabularFiles:
         matched = match_files(input_path)
     what = "CSV/Parquet file" + (" matching the glob" if is_glob(input_path) else "")
     paths = sorted(set(nonempty_files(matched, input_path, what)))
+    for path in paths:
+        if path.endswith(".gz"):
+            check_gzip_complete(path)
     return TabularFiles(
         {p: has_header(p) for p in paths if not p.endswith(".parquet")},
         {p: parquet_columns(p) for p in paths if p.endswith(".parquet")},
@@ -114,7 +127,7 @@ def interaction_from_fields(fields: Sequence[str]) -> Interaction:
     user_id = require_id(fields[0], "user_id")
     item_id = require_id(fields[1], "item_id")
     timestamp = require_int(fields[2], "timestamp", reason="non_integer_timestamp")
-    category = fields[3].strip() if len(fields) == 4 else ""
+    category = require_category(fields[3], "category") if len(fields) == 4 else ""
     return Interaction(user_id, item_id, timestamp, category or None)
 
 

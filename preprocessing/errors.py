@@ -1,0 +1,39 @@
+"""Data errors found while the pipeline runs (input errors found before it: ``InputError``).
+
+``EmptyDataError`` is raised inside the Beam graph by a guard step placed before
+the clustering, so a run whose filters leave nothing fails with one clear line
+instead of deep inside the clustering or TFT. Runners re-raise a worker's
+exception either as itself (in-process DirectRunner, possibly with Beam's
+``[while running ...]`` suffix) or as text inside another exception
+(multi-processing, remote runners); ``find_empty_data_error`` recovers it from both.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+_IN_TEXT = re.compile(r"EmptyDataError: (?P<message>[^\n]*?)(?: \[while running [^\]]*\])*$", re.M)
+_BEAM_SUFFIX = re.compile(r"( \[while running [^\]]*\])+$")
+
+
+class EmptyDataError(ValueError):
+    """No usable data is left (after validation, the min-count filters or the split).
+
+    The CLI prints the message and exits with code 2, like an ``InputError``.
+    """
+
+
+def find_empty_data_error(error: BaseException) -> Optional[EmptyDataError]:
+    """The ``EmptyDataError`` that caused ``error`` (Beam's suffixes removed), or None."""
+    seen = set()
+    current: Optional[BaseException] = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, EmptyDataError):
+            return EmptyDataError(_BEAM_SUFFIX.sub("", str(current)))
+        match = _IN_TEXT.search(str(current))
+        if match:
+            return EmptyDataError(match.group("message"))
+        current = current.__cause__ or current.__context__
+    return None
