@@ -22,7 +22,8 @@ from preprocessing.config import (
 
 log = logging.getLogger("dnc")
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # usage, input and empty-data errors
+EXIT_CANTCREAT = 73  # an output path cannot be written (sysexits.h EX_CANTCREAT)
 
 
 def _optional_int(value: str) -> Optional[int]:
@@ -106,13 +107,16 @@ def preprocess_config(args: argparse.Namespace, beam_args: Sequence[str]) -> Pre
 
 def run_preprocess(args: argparse.Namespace, extra: List[str]) -> int:
     """Runs ``dnc preprocess``."""
-    from preprocessing.run import format_summary, run_preprocess
-
     try:
         config = preprocess_config(args, extra)
     except ValueError as e:
         print(f"dnc preprocess: invalid configuration: {e}", file=sys.stderr)
         return EXIT_USAGE
+    from preprocessing.fileio import check_output_parent
+
+    check_output_parent(config.output)  # fails fast, before importing Beam and TFT
+    from preprocessing.run import format_summary, run_preprocess
+
     log.info("effective config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
     result = run_preprocess(config)
     print(format_summary(result))
@@ -137,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 PROJECT_LOGGERS = ("dnc", "preprocessing", "trainer", "serving", "pipeline")
+# Beam logs a failing DoFn's traceback here and then re-raises the exception to the
+# caller, which reports it (in one line for a known error): silenced unless DEBUG.
+_RERAISING_LOGGERS = ("apache_beam.runners.common",)
 # Benign and repeated once per TFT lookup table; it says nothing actionable to a user.
 _MUTED_MESSAGES = ("Tables initialized inside a tf.function",)
 
@@ -159,6 +166,8 @@ def _configure_logging(level_name: str) -> None:
         handler.addFilter(_MuteKnownNoise())
     for name in PROJECT_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    for name in _RERAISING_LOGGERS:
+        logging.getLogger(name).setLevel(level if level <= logging.DEBUG else logging.CRITICAL)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -166,12 +175,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     _configure_logging(args.log_level)
+    from preprocessing.errors import EmptyDataError
+    from preprocessing.fileio import OutputError
     from preprocessing.sources import InputError
 
     if extra and not getattr(args, "beam_passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args, extra)
-    except InputError as e:
+    except (InputError, EmptyDataError) as e:
+        log.debug("%s failed", args.command, exc_info=True)
         print(f"dnc {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputError as e:
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"dnc {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_CANTCREAT

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from typing import List
+from typing import TYPE_CHECKING, List
+
+if TYPE_CHECKING:
+    from pipeline.config import PipelineConfig
 
 log = logging.getLogger("dnc")
 
@@ -47,23 +51,44 @@ def run_command(args: argparse.Namespace, extra: List[str]) -> int:
     except (ValueError, OSError) as e:
         print(f"dnc pipeline run: invalid configuration: {e}", file=sys.stderr)
         return 2
-    if args.component:
-        from pipeline.runner import run_pipeline
+    from preprocessing import fileio
 
-        result = run_pipeline(config, only=tuple(args.component))
-        for node, r in result.results.items():
-            print(f"{node}: {'cache hit' if r.cached else 'ran'} (execution {r.execution_id})")
-        return 0
-    if args.no_serve:
-        from pipeline.runner import run_pipeline
+    writable = check_writable(config)  # OutputError before any work
+    with fileio.output_errors(*writable):
+        if args.component:
+            from pipeline.runner import run_pipeline
 
-        result = run_pipeline(config)
-    else:
-        from pipeline.demo import run_demo
+            result = run_pipeline(config, only=tuple(args.component))
+            for node, r in result.results.items():
+                print(f"{node}: {'cache hit' if r.cached else 'ran'} (execution {r.execution_id})")
+            return 0
+        if args.no_serve:
+            from pipeline.runner import run_pipeline
 
-        result = run_demo(config, sys.stdout)
+            result = run_pipeline(config)
+        else:
+            from pipeline.demo import run_demo
+
+            result = run_demo(config, sys.stdout)
     print(f"report: {result.report}")
     return 0
+
+
+def check_writable(config: PipelineConfig) -> List[str]:
+    """Checks the directories a run writes (root, serving path, SQLite store's folder).
+
+    Returns:
+        Their absolute paths, the root first.
+
+    Raises:
+        OutputError: one of them cannot be created or written.
+    """
+    from preprocessing import fileio
+
+    paths = [config.root, config.serving_dir]
+    if not config.metadata.grpc_host:
+        paths.append(os.path.dirname(os.path.abspath(config.sqlite_path)))
+    return [fileio.check_output_dir(path) for path in dict.fromkeys(paths)]
 
 
 def compile_command(args: argparse.Namespace, extra: List[str]) -> int:

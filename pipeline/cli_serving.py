@@ -46,19 +46,23 @@ def add_query(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace, extra: List[str]) -> int:
     """Runs ``dnc export``."""
+    from preprocessing import fileio
+
+    fileio.check_output_dir(args.output)  # OutputError before any work
     from serving.export import export_model
 
     try:
-        version_dir = export_model(
-            args.model,
-            args.data,
-            args.output,
-            index=args.index,
-            max_num_results=args.max_num_results,
-            default_num_results=args.num_results,
-            alpha=args.alpha,
-            max_history=args.max_history,
-        )
+        with fileio.output_errors(args.output):
+            version_dir = export_model(
+                args.model,
+                args.data,
+                args.output,
+                index=args.index,
+                max_num_results=args.max_num_results,
+                default_num_results=args.num_results,
+                alpha=args.alpha,
+                max_history=args.max_history,
+            )
     except ValueError as e:
         print(f"dnc export: {e}", file=sys.stderr)
         return 2

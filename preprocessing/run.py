@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 import apache_beam as beam
 import tensorflow_transform as tft
 
-from preprocessing import beam_pipeline, features, fileio
+from preprocessing import beam_pipeline, errors, features, fileio
 from preprocessing.config import PreprocessConfig
 from preprocessing.sources import check_input
 
@@ -43,19 +43,29 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
 
     Raises:
         InputError: the input is missing or empty (nothing is written).
+        EmptyDataError: no usable data is left after validation, the min-count
+            filters or the split (nothing is written).
+        OutputError: the output cannot be written (checked before the pipeline
+            runs; also raised for a write or publish failure during the run).
     """
     check_input(config.source)
-    output = os.path.abspath(config.output)
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
+    output = fileio.check_output_parent(config.output)
     staging = fileio.staging_path(output)
+    fileio.check_output_dir(staging)
     start = time.monotonic()
     log.info("preprocessing %s -> %s (staging %s)", config.source.name, output, staging)
     try:
-        with beam.Pipeline(options=beam_pipeline.pipeline_options(config)) as p:
-            beam_pipeline.build_pipeline(p, config, staging)
-        stats = _finalize(staging, config, time.monotonic() - start)
-        fileio.publish_dir(staging, output)
+        with fileio.output_errors(output, staging):
+            try:
+                with beam.Pipeline(options=beam_pipeline.pipeline_options(config)) as p:
+                    beam_pipeline.build_pipeline(p, config, staging)
+            except Exception as error:
+                empty = errors.find_empty_data_error(error)
+                if empty is not None:
+                    raise empty from None
+                raise
+            stats = _finalize(staging, config, time.monotonic() - start)
+            fileio.publish_dir(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -110,8 +120,9 @@ def format_summary(result: PreprocessResult) -> str:
     s = result.stats
     lines = [
         f"preprocessed {s['source']} in {s['elapsed_seconds']:.1f}s -> {result.output}",
-        f"  rows read {s['rows_read']:,}  accepted interactions {s['interactions_read']:,}  "
-        f"skipped {s['skipped_rows']:,}  rejected {s['rejected_rows']:,}",
+        f"  rows read {s['rows_read']:,}: accepted {s['accepted_rows']:,} "
+        f"({s['interactions_read']:,} interactions)  skipped {s['skipped_rows']:,}  "
+        f"rejected {s['rejected_rows']:,}",
         f"  users {s['users']:,}  items {s['items']:,}  interactions {s['interactions']:,}  "
         f"(users too short to split: {s['users_too_short']:,})",
         f"  filter {s['filter']['mode']}: {s['filter']['rounds']} rounds, "
