@@ -8,6 +8,14 @@ logged as a cache hit) or runs the component into
 ``ROOT/<node>/<execution id>/<output>``. Resume is the cache: a run killed midway
 leaves its current execution RUNNING (never matched), and starting again reuses
 every finished component.
+
+Crash safety: an execution's outputs are recorded (and so become cacheable)
+only after its component returned, so a process killed at any point leaves at
+most a RUNNING execution whose files are never reused; the next run gives the
+node a new execution directory. Model versions appear in the serving path only
+by an atomic rename, and the Pusher does not push a model again that the
+latest version already holds. ``pipeline.faults`` (``DNC_FAULT_KILL_AT``) kills
+the process at chosen points to test this.
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ import json
 import logging
 import os
 import uuid
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from pipeline import faults
 from pipeline.components import Component, Output
 from pipeline.config import PipelineConfig
 from pipeline.dag import Node, Pipeline
@@ -108,13 +117,16 @@ class LocalRunner:
     ) -> RunResult:
         """Runs every node (or just ``only``, inputs taken from MLMD) in order."""
         run_id = run_id or datetime.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        kill_at = faults.kill_target(pipeline.node_ids)
+        if kill_at:
+            log.warning("fault injection active: SIGKILL at %s:%s", *kill_at)
         log.info("pipeline %s run %s: %s", pipeline.name, run_id, " -> ".join(pipeline.node_ids))
         results: Dict[str, NodeResult] = {}
         for node in pipeline.nodes:
             if only and node.id not in only:
                 continue
             inputs = self._inputs(node, results)
-            results[node.id] = self._run_node(pipeline, node, inputs, run_id)
+            results[node.id] = self._run_node(pipeline, node, inputs, run_id, kill_at)
         path = ""
         if report and not only:
             from pipeline.report import write_report
@@ -140,7 +152,12 @@ class LocalRunner:
         return inputs
 
     def _run_node(
-        self, pipeline: Pipeline, node: Node, inputs: Dict[str, ArtifactRef], run_id: str
+        self,
+        pipeline: Pipeline,
+        node: Node,
+        inputs: Dict[str, ArtifactRef],
+        run_id: str,
+        kill_at: Optional[Tuple[str, str]] = None,
     ) -> NodeResult:
         component = node.component
         kind = type(component).__name__
@@ -156,8 +173,10 @@ class LocalRunner:
         output_dirs = {name: os.path.join(base, name) for name in type(component).outputs}
         for d in output_dirs.values():
             os.makedirs(os.path.dirname(d), exist_ok=True)
+        faults.checkpoint(kill_at, node.id, "before_run")
         try:
-            produced = component.run(inputs, output_dirs)
+            with faults.watch_writes(kill_at, node.id, [base, *component.write_locations()]):
+                produced = component.run(inputs, output_dirs)
         except Exception:
             self.metadata.finish_execution(execution_id, State.FAILED)
             log.error("%s: FAILED (execution %d)", node.id, execution_id)
@@ -165,6 +184,7 @@ class LocalRunner:
         except BaseException:
             self.metadata.finish_execution(execution_id, State.CANCELED)
             raise
+        faults.checkpoint(kill_at, node.id, "after_run")
         outputs = self._output_refs(component, produced, output_dirs)
         recorded = self.metadata.finish_execution(execution_id, State.COMPLETE, outputs)
         log.info("%s: complete (execution %d)", node.id, execution_id)

@@ -4,7 +4,7 @@ and ``Output`` (what ``run`` reports per output)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Dict, Mapping, Optional
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 from pipeline.config import to_dict
 from pipeline.metadata import ArtifactRef, Metadata
@@ -46,6 +46,10 @@ class Component:
     def external_inputs(self) -> Dict[str, ArtifactRef]:
         """Inputs made outside the pipeline (raw files), keyed like ``inputs``."""
         return {}
+
+    def write_locations(self) -> Tuple[str, ...]:
+        """Paths outside its execution directory that ``run`` writes (Pusher: the serving path)."""
+        return ()
 
     def resolve(self, metadata: Metadata, inputs: Mapping[str, ArtifactRef]) -> Dict[str, Any]:
         """Extra inputs looked up in MLMD (TFX resolvers), keyed by input name."""

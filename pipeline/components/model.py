@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, ClassVar, Dict, Mapping, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 from pipeline.components.base import Component, Output
 from pipeline.config import EvaluatorSection, ServingSection, TrainerSection
@@ -145,6 +145,10 @@ class Evaluator(Component):
 class Pusher(Component):
     """Exports a blessed model as a new integer version under the serving path.
 
+    Idempotent: when the latest version was already exported from this model
+    and data with this index kind (a run killed after the export but before
+    ML Metadata recorded the push), it is reused instead of pushed again.
+
     Attributes:
         section: serving settings.
         serving_dir: ``BASE_PATH/MODEL_NAME``.
@@ -160,21 +164,49 @@ class Pusher(Component):
     }
     outputs: ClassVar[Dict[str, str]] = {"pushed_model": "PushedModel"}
 
+    def write_locations(self) -> Tuple[str, ...]:
+        return (self.serving_dir,)
+
+    def pushed_version(self, model_dir: str, data_dir: str) -> Optional[str]:
+        """The latest version directory if it was exported from ``model_dir`` and
+        ``data_dir`` with this index kind, else None."""
+        from serving.model_config import METADATA_DIR, METADATA_FILE, parse_version_dir
+
+        if not os.path.isdir(self.serving_dir):
+            return None
+        versions = [v for v in map(parse_version_dir, os.listdir(self.serving_dir)) if v]
+        if not versions:
+            return None
+        latest = os.path.join(self.serving_dir, str(max(versions)))
+        path = os.path.join(latest, METADATA_DIR, METADATA_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+        same = (
+            metadata.get("model_dir") == os.path.abspath(model_dir)
+            and metadata.get("data_dir") == os.path.abspath(data_dir)
+            and metadata.get("index", {}).get("kind") == self.section.index
+        )
+        return latest if same else None
+
     def run(self, inputs: Mapping[str, ArtifactRef], output_dirs: Mapping[str, str]) -> Dict:
         model = inputs["model"]
         if not inputs["blessing"].properties.get("blessed"):
             log.warning("Pusher: model %s is not blessed; nothing pushed", model.uri)
             os.makedirs(output_dirs["pushed_model"], exist_ok=True)
             return {"pushed_model": Output({"pushed": 0, "model_fingerprint": model.fingerprint})}
-        from serving.export import export_model
+        data_dir = inputs["transformed_examples"].uri
+        version_dir = self.pushed_version(model.uri, data_dir)
+        if version_dir is not None:
+            log.info("Pusher: %s already holds this model; not pushed again", version_dir)
+        else:
+            from serving.export import export_model
 
-        version_dir = export_model(
-            model.uri,
-            inputs["transformed_examples"].uri,
-            output=self.serving_dir,
-            index=self.section.index,
-        )
-        log.info("Pusher: pushed %s", version_dir)
+            version_dir = export_model(
+                model.uri, data_dir, output=self.serving_dir, index=self.section.index
+            )
+            log.info("Pusher: pushed %s", version_dir)
         return {
             "pushed_model": Output(
                 {
