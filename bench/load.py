@@ -187,7 +187,10 @@ def push_plan(args: argparse.Namespace) -> List[Dict[str, Any]]:
     if args.scenario == "load":
         return []
     default = "good,corrupt" if args.scenario == "kill" else "good,corrupt,good"
-    kinds = [k.strip() for k in (args.pushes or default).split(",") if k.strip()]
+    spec = default if args.pushes is None else args.pushes
+    if spec.strip().lower() == "none":
+        spec = ""  # a steady-state soak: one version throughout
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
     for kind in kinds:
         if kind not in ("good", "corrupt"):
             raise ValueError(f"--pushes: unknown kind {kind!r} (good or corrupt)")
@@ -240,9 +243,11 @@ class Events(threading.Thread):
 
     def push(self, push: Dict[str, Any]) -> None:
         """Publishes one planned version and waits until the server has dealt with it."""
+        push["rss_mb_before"] = loadgen.rss_mb(self.server.pid)
         loadgen.push_version(self.base, self.template, push["version"], push["corrupt"])
         push["pushed_s"] = round(self.run_.now(), 3)
         self._resolve(push)
+        push["rss_mb_resolved"] = loadgen.rss_mb(self.server.pid)
 
     def run(self) -> None:
         """Runs the plan's pushes that are due during the load, then (kill) the kill."""
@@ -364,7 +369,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--retry-backoff", type=float, default=0.1, help="a client's pause after UNAVAILABLE"
     )
-    p.add_argument("--pushes", default=None, help="soak: good,corrupt,good; kill: good,corrupt")
+    p.add_argument(
+        "--pushes",
+        default=None,
+        help="soak: good,corrupt,good; kill: good,corrupt; '' or none: no push",
+    )
     p.add_argument("--corrupt-kind", choices=loadgen.CORRUPTIONS, default="truncated-pb")
     p.add_argument("--kill-at", type=float, default=0.5, help="kill: fraction of the requests")
     p.add_argument("--down-seconds", type=float, default=0.0, help="kill: delay before restart")

@@ -201,8 +201,9 @@ def markdown(report: Dict[str, Any]) -> str:
     ]
     for p in report["pushes"]:
         kind = f"corrupt ({p['corrupt']})" if p["corrupt"] else "good"
+        rss = f" (server RSS {p['rss_mb_before']} MiB before)" if p.get("rss_mb_before") else ""
         lines.append(
-            f"* pushed version {p['version']} ({kind}) at {p.get('pushed_s', '-')} s: "
+            f"* pushed version {p['version']} ({kind}) at {p.get('pushed_s', '-')} s{rss}: "
             f"{p.get('state')} at {p.get('resolved_s', '-')} s"
         )
     lines.append(f"* answers by version (gRPC): {r['versions_answered_grpc']}")

@@ -13,12 +13,15 @@ TensorFlow is imported lazily so that importing this module has no side effects.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import enum
+import gc
 import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from serving.errors import Code, ServingError, invalid, not_found
@@ -102,6 +105,30 @@ class VersionStatus:
     error: str = ""
 
 
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_memory() -> None:
+    """Frees an unloaded version's memory now and hands free heap pages back to the OS.
+
+    A restored SavedModel's functions and graphs sit in reference cycles, so dropping the
+    last reference to a version frees little: its functions stay registered in TensorFlow's
+    eager context, with their graphs and kernels (about 95 MiB for the trained demo model),
+    until the garbage collector's next full collection, which a busy server may not run for
+    several swaps. ``malloc_trim`` (glibc) then returns the freed pages.
+    """
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _fingerprint(path: str) -> Tuple[int, ...]:
     stats = []
     for p in (path, os.path.join(path, "saved_model.pb")):
@@ -125,6 +152,9 @@ class ServedModel:
         self._loaded: Dict[int, LoadedVersion] = {}
         self._status: Dict[int, VersionStatus] = {}
         self._failed: Dict[int, Tuple[int, ...]] = {}
+        # Unloaded versions that in-flight requests may still hold: their memory is
+        # released (release_memory) by the first poll after the last one is done.
+        self._retired: List[weakref.ReferenceType] = []
 
     def _scan(self) -> Dict[int, str]:
         try:
@@ -167,9 +197,27 @@ class ServedModel:
         for version in [v for v in self._loaded if v not in wanted]:
             self._set_status(version, VersionState.UNLOADING)
             with self._lock:
-                self._loaded.pop(version, None)
+                retired = self._loaded.pop(version, None)
+            if retired is not None:
+                self._retired.append(weakref.ref(retired))
+                del retired
             self._set_status(version, VersionState.END)
             log.info("model %s: unloaded version %d", self.name, version)
+        self._release_retired()
+
+    def _release_retired(self) -> None:
+        """Releases the memory of unloaded versions that no request holds any more."""
+        alive = [r for r in self._retired if r() is not None]
+        if len(alive) == len(self._retired):
+            return
+        self._retired = alive
+        start = time.monotonic()
+        release_memory()
+        log.info(
+            "model %s: released unloaded versions' memory (%.2fs)",
+            self.name,
+            time.monotonic() - start,
+        )
 
     def _load(self, version: int, path: str) -> None:
         fingerprint = _fingerprint(path)
