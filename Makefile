@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/pipeline
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-serving bench-load lock clean
+.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-serving bench-load lock clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,17 @@ bench-quality: venv
 	$(BIN)/dnc preprocess --source synthetic --output runs/bench-synthetic
 	$(BIN)/python bench/quality.py --data runs/bench-synthetic --m 50,100 --epochs 5 \
 		--out bench/results/quality-synthetic
+
+# Issue 7: all-position vs per-prefix throughput, and sasrec vs dnc tuned on validation
+# (synthetic; about 20 minutes on 2 cores). bench/tune.py --help for other data and grids.
+bench-allpos: venv
+	$(BIN)/dnc preprocess --source synthetic --output runs/bench-synthetic
+	$(BIN)/python bench/allpos.py --data runs/bench-synthetic --out bench/results/allpos.json
+
+bench-tune: venv
+	$(BIN)/dnc preprocess --source synthetic --output runs/bench-synthetic
+	$(BIN)/python bench/tune.py --data runs/bench-synthetic --grid bench/grids/synthetic-long.json \
+		--m 50,100 --epochs 30 --out bench/results/tune-synthetic-30ep
 
 bench-serving: venv
 	$(BIN)/python bench/serving.py
