@@ -241,26 +241,28 @@ def train(
     """Trains ``config.variant`` on ``config.data`` and saves it under ``config.output``."""
     tf.keras.utils.set_random_seed(config.seed)
     items = data.load_items(config.data)
-    samples = data.count_training_samples(config.data)
-    units, noun = samples, "samples"
-    steps = math.ceil(samples / config.batch_size)
     if config.training == "all-positions":
-        # batch_size counts sequence windows; samples/s counts predicted targets.
+        # batch_size counts sequence windows; samples/s counts predicted targets. Every
+        # target is in exactly one window, so one pass over the records gives both.
         lengths = sequence_data.window_lengths(config.data, config.model.max_len)
-        units, noun = len(lengths), "windows"
+        samples, units, noun = int(lengths.sum()), len(lengths), "windows"
         buckets = length_buckets(config)
         steps = (
             math.ceil(units / config.batch_size)
             if buckets is None
             else buckets.steps_per_epoch(lengths)
         )
+        samples_per_step = samples / steps  # on average over an epoch
+    else:
+        samples = data.count_training_samples(config.data)
+        units, noun = samples, "samples"
+        steps = math.ceil(samples / config.batch_size)
+        samples_per_step = float(config.batch_size)
     if units < config.batch_size:
         raise ValueError(
             f"{config.data} has {units} training {noun}, fewer than one batch "
             f"({config.batch_size}); lower --batch-size"
         )
-    # Targets predicted per step (for samples/s): on average over an epoch for windows.
-    samples_per_step = float(config.batch_size) if noun == "samples" else samples / steps
     steps = config.steps_per_epoch or steps
     strategy = strategy or tf.distribute.get_strategy()
     dataset = make_dataset(config, items)
