@@ -61,6 +61,25 @@ def _config(args, variant: str, output: str, **overrides):
     return TrainConfig(**values)
 
 
+def run_metadata() -> Dict[str, Any]:
+    """Machine, library versions and date of a benchmark report."""
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "versions": {n: metadata.version(n) for n in ("tensorflow", "tensorflow-recommenders")},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_outputs(out: str, report: Dict[str, Any], markdown_text: str) -> None:
+    """Writes ``OUT.json`` (the report) and ``OUT.md``."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2, sort_keys=True, default=str)
+    with open(out + ".md", "w", encoding="utf-8") as f:
+        f.write(markdown_text)
+    print(f"wrote {out}.json and {out}.md", flush=True)
+
+
 def run_variant(args, variant: str, work: str, name: str = "", **overrides) -> Dict[str, Any]:
     """Trains and evaluates one variant (``overrides``: TrainConfig fields)."""
     from trainer.evaluate_model import evaluate_model
@@ -196,8 +215,7 @@ def main() -> None:
         )
         report = {"benchmark": "throughput", "data": args.data, "throughput": throughput}
         report["settings"] = {k: v for k, v in vars(args).items() if k not in ("data", "out")}
-        report["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
-        report["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        report.update(run_metadata())
         with open(args.out + ".json", "w") as f:
             json.dump(report, f, indent=2, sort_keys=True)
         print(json.dumps(throughput, indent=2))
@@ -226,17 +244,10 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
         "results": results,
         "throughput": throughput,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "versions": {n: metadata.version(n) for n in ("tensorflow", "tensorflow-recommenders")},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **run_metadata(),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2, sort_keys=True, default=str)
     title = args.title or f"{stats['source']} ({stats['users']} users, {stats['items']} items)"
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(results, args.m, throughput, title))
-    print(f"wrote {args.out}.json and {args.out}.md")
+    write_outputs(args.out, report, markdown(results, args.m, throughput, title))
 
 
 if __name__ == "__main__":

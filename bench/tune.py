@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
-import time
-from importlib import metadata
 from typing import Any, Dict, List
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
@@ -121,8 +118,6 @@ def load_runs(path: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
             raise SystemExit(f"{path}: {key}={earlier['settings'][key]} != {getattr(args, key)}")
     if os.path.abspath(earlier["data"]["dir"]) != os.path.abspath(args.data):
         raise SystemExit(f"{path} was run on {earlier['data']['dir']}, not {args.data}")
-    for run in earlier["runs"]:
-        run["selected"] = False
     return earlier["runs"]
 
 
@@ -165,6 +160,8 @@ def main() -> None:
         raise SystemExit(f"no grid for {unknown}; the grid has {sorted(grid)}")
     monitor = max(args.m)
     work = tempfile.mkdtemp(prefix="dnc-tune-")
+    # Earlier runs join every selection; read (and checked) once, before any training.
+    earlier = [run for path in args.include for run in load_runs(path, args)]
     runs: List[Dict[str, Any]] = []
     for variant in variants:
         for setting in grid[variant]:
@@ -185,16 +182,15 @@ def main() -> None:
             )
             summary = {k: v for k, v in result.items() if k != "history"}
             print(json.dumps({"validation": runs[-1]["validation"], **summary}), flush=True)
-            write_report(args, monitor, runs)  # after every run: a cut-off run keeps its results
-    write_report(args, monitor, runs, final=True)
+            # After every run, so that a run cut off later keeps what it finished.
+            write_report(args, monitor, earlier + runs)
+    write_report(args, monitor, earlier + runs, final=True)
 
 
 def write_report(
     args: argparse.Namespace, monitor: int, runs: List[Dict[str, Any]], final: bool = False
 ) -> None:
-    """Selects per variant on validation (with ``--include`` runs) and writes OUT.json/.md."""
-    for path in args.include:
-        runs = load_runs(path, args) + runs
+    """Selects per variant on validation among ``runs`` and writes OUT.json/.md."""
     for run in runs:
         run["selected"] = False
     selected = {}
@@ -214,16 +210,9 @@ def write_report(
         "grid": {v: [r["setting"] for r in runs if r["variant"] == v] for v in selected},
         "selected": selected,
         "runs": runs,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "versions": {n: metadata.version(n) for n in ("tensorflow", "tensorflow-recommenders")},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **quality.run_metadata(),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2, sort_keys=True, default=str)
-    with open(args.out + ".md", "w", encoding="utf-8") as f:
-        f.write(markdown(report))
-    print(f"wrote {args.out}.json and {args.out}.md", flush=True)
+    quality.write_outputs(args.out, report, markdown(report))
 
 
 if __name__ == "__main__":
