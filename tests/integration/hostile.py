@@ -11,12 +11,9 @@ from typing import Any, Dict, Optional, Tuple
 import grpc
 import hypothesis.extra.numpy as hnp
 import numpy as np
-import tensorflow as tf
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
-from tensorflow.core.framework import tensor_pb2
-from tensorflow_serving.apis import predict_pb2
 
 MAX_BYTES = 256 * 1024
 MAX_ELEMENTS = 20_000
@@ -97,18 +94,6 @@ def rest(
         return response.status, json.loads(response.read())
     finally:
         conn.close()
-
-
-def make_request(name: str = "m", signature: str = "", **inputs: Any) -> Any:
-    """A ``PredictRequest``; inputs are arrays or ready-made ``TensorProto``s."""
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    request.model_spec.signature_name = signature
-    for key, value in inputs.items():
-        request.inputs[key].CopyFrom(
-            value if isinstance(value, tensor_pb2.TensorProto) else tf.make_tensor_proto(value)
-        )
-    return request
 
 
 ids = st.one_of(st.binary(max_size=12), st.text(max_size=8).map(lambda t: t.encode("utf-8")))

@@ -22,13 +22,13 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from serving import model_manager
 from serving.limits import Deadline
 from serving.model_config import METADATA_DIR, METADATA_FILE
 from serving.server import Server, add_serve_arguments, run_serve
-from tests.integration.tiny_model import install
+from tests.integration.tiny_model import install, make_request
 
 MAX_BYTES = 64 * 1024
 MAX_HISTORY = 8
@@ -93,15 +93,6 @@ def _stub(srv: Server) -> Any:
     return prediction_service_pb2_grpc.PredictionServiceStub(channel)
 
 
-def _request(name: str = "m", signature: str = "", **inputs: Any) -> Any:
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    request.model_spec.signature_name = signature
-    for key, value in inputs.items():
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-    return request
-
-
 def _grpc(srv: Server, request: Any, timeout: float = 20) -> Tuple[grpc.StatusCode, Any]:
     try:
         return grpc.StatusCode.OK, _stub(srv).Predict(request, timeout=timeout)
@@ -138,11 +129,11 @@ def _history(rows: int, length: int) -> np.ndarray:
 
 
 def test_history_length_limit(server):
-    code, answer = _grpc(server, _request(history=_history(2, MAX_HISTORY)))
+    code, answer = _grpc(server, make_request(history=_history(2, MAX_HISTORY)))
     assert code == grpc.StatusCode.OK
     assert tf.make_ndarray(answer.outputs["item_ids"])[0, 0] == f"i{MAX_HISTORY - 1}".encode()
     for rows in (1, 0):  # the shape is the bound, even with no rows at all
-        code, details = _grpc(server, _request(history=_history(rows, MAX_HISTORY + 1)))
+        code, details = _grpc(server, make_request(history=_history(rows, MAX_HISTORY + 1)))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert f"length {MAX_HISTORY + 1}" in details and f"limit of {MAX_HISTORY}" in details
         assert "--max_history_length" in details
@@ -154,14 +145,14 @@ def test_history_length_limit(server):
 
 
 def test_request_elements_limit(server):
-    code, details = _grpc(server, _request(history=_history(MAX_ELEMENTS // 4 + 1, 4)))
+    code, details = _grpc(server, make_request(history=_history(MAX_ELEMENTS // 4 + 1, 4)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert f"limit of {MAX_ELEMENTS}" in details and "--max_request_elements" in details
 
 
 def test_num_results_limits(server):
     def retrieve(name: str, n: int) -> Tuple[grpc.StatusCode, Any]:
-        request = _request(
+        request = make_request(
             name, "retrieve", history=[["a"]], alpha=np.float32(1), num_results=np.int32(n)
         )
         return _grpc(server, request)
@@ -232,7 +223,7 @@ def test_rest_body_size_and_framing(server):
 def test_request_timeout_slow_model_and_slow_body(bases):
     with _serve(bases, request_timeout_seconds=0.5) as srv:
         start = time.monotonic()
-        code, details = _grpc(srv, _request("slow", seconds=np.float32(1.5)))
+        code, details = _grpc(srv, make_request("slow", seconds=np.float32(1.5)))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         assert details.startswith("deadline exceeded while running the model")
         assert "--request_timeout_seconds allowed 0.500s" in details
@@ -241,7 +232,7 @@ def test_request_timeout_slow_model_and_slow_body(bases):
             srv, _post("/v1/models/slow:predict", b'{"inputs": {"seconds": 1.5}}')
         )
         assert status == 504 and "while running the model" in answer["error"]
-        code, answer = _grpc(srv, _request("slow", seconds=np.float32(0)))
+        code, answer = _grpc(srv, make_request("slow", seconds=np.float32(0)))
         assert code == grpc.StatusCode.OK  # fast requests are unaffected
 
         # A client that stops sending its body is answered once the timeout passes.
@@ -256,15 +247,17 @@ def test_expired_client_deadline_is_not_run(bases):
     """A request whose gRPC deadline passes while it waits for a worker never runs."""
     with _serve(bases, grpc_workers=1, request_timeout_seconds=0) as srv:
         loaded = srv.manager.get("slow")
-        first = threading.Thread(target=_grpc, args=(srv, _request("slow", seconds=np.float32(1))))
+        first = threading.Thread(
+            target=_grpc, args=(srv, make_request("slow", seconds=np.float32(1)))
+        )
         first.start()
         time.sleep(0.3)  # the only worker is busy for about 0.7 s more
-        code, _ = _grpc(srv, _request("slow", seconds=np.float32(0)), timeout=0.3)
+        code, _ = _grpc(srv, make_request("slow", seconds=np.float32(0)), timeout=0.3)
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
         first.join(20)
         time.sleep(0.5)  # the expired request has been dequeued by now
         assert loaded.runs == 1
-        assert _grpc(srv, _request("slow", seconds=np.float32(0)))[0] == grpc.StatusCode.OK
+        assert _grpc(srv, make_request("slow", seconds=np.float32(0)))[0] == grpc.StatusCode.OK
         assert loaded.runs == 2
         # The same check in-process: a passed deadline is refused before the model runs.
         with pytest.raises(model_manager.ServingError) as info:

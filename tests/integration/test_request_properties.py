@@ -45,11 +45,10 @@ from tests.integration.hostile import (
     call,
     ids,
     json_values,
-    make_request,
     rest,
     rows,
 )
-from tests.integration.tiny_model import install
+from tests.integration.tiny_model import install, make_request
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
-    predict_pb2,
     prediction_service_pb2_grpc,
 )
 
@@ -34,6 +33,7 @@ from serving import client as client_lib
 from serving import model_manager
 from serving.server import Server, add_serve_arguments, run_serve
 from tests.integration.tiny_model import install as _install
+from tests.integration.tiny_model import make_request
 
 POLL = 0.2
 MAX_BYTES = 64 * 1024
@@ -63,17 +63,6 @@ def channel(server):
     ch.close()
 
 
-def _predict_request(name="m", signature="", version=None, **inputs):
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    request.model_spec.signature_name = signature
-    if version is not None:
-        request.model_spec.version.value = version
-    for key, value in inputs.items():
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-    return request
-
-
 def _rest(server, path, body=None, method=None):
     """Returns (HTTP status, JSON body)."""
     data = None if body is None else json.dumps(body).encode()
@@ -95,15 +84,15 @@ def _code(call, request):
 
 def test_grpc_predict(channel):
     stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-    response = stub.Predict(_predict_request(history=[["a", "b", "c"]]), timeout=10)
+    response = stub.Predict(make_request(history=[["a", "b", "c"]]), timeout=10)
     assert tf.make_ndarray(response.outputs["item_ids"]).tolist() == [[b"c", b"b", b"a"]]
     assert tf.make_ndarray(response.outputs["version"]).tolist() == [1]
     assert response.model_spec.version.value == 1
     assert response.model_spec.signature_name == "serving_default"
-    request = _predict_request(version=1, history=[["x", "y"]])
+    request = make_request(version=1, history=[["x", "y"]])
     request.output_filter.append("item_ids")
     assert list(stub.Predict(request, timeout=10).outputs) == ["item_ids"]
-    request = _predict_request(history=[["x"]])
+    request = make_request(history=[["x"]])
     request.model_spec.version_label = "stable"
     assert stub.Predict(request, timeout=10).model_spec.version.value == 1
 
@@ -209,30 +198,30 @@ def test_error_codes(server, channel):
     classify.model_spec.name = "m"
     assert _code(stub.Classify, classify)[0] == grpc.StatusCode.UNIMPLEMENTED
     not_found = [
-        _predict_request(name="nope", history=[["a"]]),
-        _predict_request(version=9, history=[["a"]]),
-        _predict_request(signature="nope", history=[["a"]]),
+        make_request(name="nope", history=[["a"]]),
+        make_request(version=9, history=[["a"]]),
+        make_request(signature="nope", history=[["a"]]),
     ]
-    label = _predict_request(history=[["a"]])
+    label = make_request(history=[["a"]])
     label.model_spec.version_label = "canary"  # points at a version that is not loaded
     for request in [*not_found, label]:
         assert _code(stub.Predict, request)[0] == grpc.StatusCode.NOT_FOUND
     bad = {
-        "missing": _predict_request(signature="retrieve", history=[["a"]], alpha=1.0),
-        "unknown input": _predict_request(history=[["a"]], other=[1]),
-        "dtype": _predict_request(history=[[1, 2]]),
-        "rank": _predict_request(history=["a", "b"]),
-        "assert": _predict_request(
+        "missing": make_request(signature="retrieve", history=[["a"]], alpha=1.0),
+        "unknown input": make_request(history=[["a"]], other=[1]),
+        "dtype": make_request(history=[[1, 2]]),
+        "rank": make_request(history=["a", "b"]),
+        "assert": make_request(
             signature="retrieve", history=[["a"]], alpha=1.0, num_results=np.int32(11)
         ),
-        "elements": _predict_request(history=np.full((1, 20_000), b"", dtype=np.object_)),
-        "path name": _predict_request(name="../m", history=[["a"]]),
+        "elements": make_request(history=np.full((1, 20_000), b"", dtype=np.object_)),
+        "path name": make_request(name="../m", history=[["a"]]),
     }
     for what, request in bad.items():
         code, details = _code(stub.Predict, request)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (what, details)
     assert "num_results must be <= 10" in _code(stub.Predict, bad["assert"])[1]
-    big = _predict_request(history=[["x" * 1000] * 100])  # ~100 KB > 64 KB limit
+    big = make_request(history=[["x" * 1000] * 100])  # ~100 KB > 64 KB limit
     assert _code(stub.Predict, big)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     cases = [

@@ -1,12 +1,15 @@
-"""A tiny SavedModel with the serving contract's signatures, for server tests."""
+"""A tiny SavedModel with the serving contract's signatures, and a request builder,
+for server tests."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2
+from tensorflow_serving.apis import predict_pb2
 
 
 class TinyModel(tf.Module):
@@ -66,3 +69,19 @@ def install(
     shutil.copytree(templates[version], tmp)
     os.rename(tmp, target)
     return target
+
+
+def make_request(
+    name: str = "m", signature: str = "", version: Optional[int] = None, **inputs: Any
+) -> Any:
+    """A ``PredictRequest``; inputs are arrays or ready-made ``TensorProto``s."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(
+            value if isinstance(value, tensor_pb2.TensorProto) else tf.make_tensor_proto(value)
+        )
+    return request
