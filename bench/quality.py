@@ -178,6 +178,18 @@ def markdown(results: Dict[str, Dict[str, Any]], m_values, throughput, title: st
     return "\n".join(lines) + "\n"
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Architecture and training flags every variant shares (same defaults everywhere)."""
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--dim", type=int, default=50)
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--eval-users", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=42)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="dnc preprocess --output")
@@ -187,20 +199,13 @@ def main() -> None:
     parser.add_argument("--title", default=None)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps-per-epoch", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--max-len", type=int, default=50)
-    parser.add_argument("--dim", type=int, default=50)
-    parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--dropout", type=float, default=0.2)
+    add_model_arguments(parser)
     parser.add_argument("--loss", default="bce", help="bce, sampled-softmax or softmax")
     parser.add_argument("--training", default="prefix", help="prefix or all-positions")
     parser.add_argument("--num-negatives", type=int, default=1)
     parser.add_argument("--mixed-ratio", type=float, default=0.5)
     parser.add_argument("--intent-weight", type=float, default=0.1)
-    parser.add_argument("--eval-users", type=int, default=2000)
     parser.add_argument("--patience", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--throughput-steps", type=int, default=30)
     parser.add_argument("--throughput-rounds", type=int, default=3)
     parser.add_argument(
