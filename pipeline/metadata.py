@@ -208,6 +208,17 @@ class Metadata:
             pairs.append((self._artifact_proto(ref), event))
         return pairs
 
+    def _new_execution(
+        self, component: str, state: int, node: str, cache_key: str, run_id: str
+    ) -> Any:
+        """An unsaved execution of ``component`` in ``state`` with its identifying properties."""
+        execution = mlmd.Execution(
+            type_id=self._type_id("execution", component), last_known_state=state
+        )
+        for key, value in (("node", node), ("cache_key", cache_key), ("run_id", run_id)):
+            _set(execution.custom_properties, key, value)
+        return execution
+
     def start_execution(
         self,
         component: str,
@@ -217,11 +228,7 @@ class Metadata:
         inputs: Mapping[str, ArtifactRef],
     ) -> int:
         """Records a RUNNING execution with its INPUT events; returns its id."""
-        execution = mlmd.Execution(
-            type_id=self._type_id("execution", component), last_known_state=State.RUNNING
-        )
-        for key, value in (("node", node), ("cache_key", cache_key), ("run_id", run_id)):
-            _set(execution.custom_properties, key, value)
+        execution = self._new_execution(component, State.RUNNING, node, cache_key, run_id)
         execution_id, _, _ = self.store.put_execution(
             execution,
             self._events(inputs, mlmd.Event.INPUT),
@@ -262,11 +269,7 @@ class Metadata:
         outputs: Mapping[str, ArtifactRef],
     ) -> int:
         """Records a CACHED execution reusing ``outputs``; returns its id."""
-        execution = mlmd.Execution(
-            type_id=self._type_id("execution", component), last_known_state=State.CACHED
-        )
-        for key, value in (("node", node), ("cache_key", cache_key), ("run_id", run_id)):
-            _set(execution.custom_properties, key, value)
+        execution = self._new_execution(component, State.CACHED, node, cache_key, run_id)
         pairs = self._events(inputs, mlmd.Event.INPUT) + self._events(outputs, mlmd.Event.OUTPUT)
         execution_id, _, _ = self.store.put_execution(
             execution,
