@@ -1,6 +1,7 @@
 """Benchmark: training throughput of all-position vs per-prefix training, one run.
 
-For ``sasrec`` and ``dnc`` (bce loss unless ``--loss``), builds three trainers
+For ``sasrec`` and ``dnc`` (each in its regime under ``--preset``, knob flags such as
+``--loss`` on top), builds three trainers
 (``trainer.train.make_dataset`` / ``build_model``): per-prefix, all-position with fixed
 ``[B, L]`` windows, and all-position with length-bucketed, trimmed batches. Warms them
 up, then times interleaved rounds of ``--steps`` training steps each, twice: the train
@@ -30,36 +31,47 @@ sys.path.insert(0, ROOT)
 import dnc_env  # noqa: E402,F401
 
 PYTORCH_REFERENCE = 1000.0  # samples/s of the PyTorch SASRec quoted in issue 7
+# Knobs each timed mode sets itself (--batch-size, --sequences, --length-buckets).
+MODE_KNOBS = ("training", "batch_size", "length_buckets")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from trainer import knobs
+    from trainer.config import PRESETS
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Knob flags left unset take each variant's regime under --preset "
+        "(trainer.config.make_train_config); the modes set training, batch_size and "
+        "length_buckets.",
+    )
     parser.add_argument("--data", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--variants", default="sasrec,dnc")
-    parser.add_argument("--loss", default="bce")
-    parser.add_argument("--max-len", type=int, default=50)
-    parser.add_argument("--dim", type=int, default=50)
-    parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--preset", default="default", choices=PRESETS)
     parser.add_argument("--batch-size", type=int, default=128, help="per-prefix samples/step")
     parser.add_argument("--sequences", type=int, default=128, help="all-position windows/step")
-    parser.add_argument("--length-buckets", type=int, default=5)
+    parser.add_argument(
+        "--length-buckets", type=int, default=5, help="buckets of the bucketed all-position mode"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=42)
+    knobs.add_arguments(
+        parser.add_argument_group("training knobs"),
+        exclude=MODE_KNOBS,
+        show_regime=False,
+    )
     args = parser.parse_args()
 
     import tensorflow as tf
 
     from trainer import data
-    from trainer.config import ModelConfig, TrainConfig
     from trainer.train import build_model, make_dataset
 
     items = data.load_items(args.data)
-    model_config = ModelConfig(
-        embedding_dim=args.dim, max_len=args.max_len, num_blocks=args.blocks, dropout=args.dropout
-    )
+    values = knobs.values_from_args(args)
+    for name in MODE_KNOBS:
+        values.pop(name, None)
     runs, timings, targets_seen, end_to_end = {}, {}, {}, {}
     for variant in args.variants.split(","):
         modes = (
@@ -68,16 +80,9 @@ def main() -> None:
             ("all-positions", "all-positions", args.sequences, args.length_buckets),
         )
         for mode, training, batch, buckets in modes:
-            config = TrainConfig(
-                data=args.data,
-                output="",
-                variant=variant,
-                model=model_config,
-                loss=args.loss,
-                training=training,
-                length_buckets=buckets,
-                batch_size=batch,
-                seed=args.seed,
+            mode_values = {"training": training, "length_buckets": buckets, "batch_size": batch}
+            config = knobs.build_config(
+                args.data, "", variant, args.preset, {**values, **mode_values}
             )
             tf.keras.utils.set_random_seed(config.seed)
             model = build_model(config, items)

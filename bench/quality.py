@@ -1,10 +1,13 @@
 """Benchmark: every variant trained and evaluated by the same code (paper Tables 2-4).
 
-For each variant: ``trainer.train.train`` with the same budget, then
-``trainer.evaluate_model.evaluate_model`` on the test split (alpha chosen on
-validation). Also measures training throughput of ``sasrec``, ``dnc`` and
-``dnc-mmoe`` in one run, interleaved rounds, median samples/second. Writes
-``OUT.json`` and ``OUT.md`` (a Markdown table shaped like the paper's).
+For each variant: ``trainer.train.train`` in the variant's regime under ``--preset``
+(``trainer.config.make_train_config``, as ``dnc train``: a knob flag given applies to
+every variant), then ``trainer.evaluate_model.evaluate_model`` on the test split
+(merge and alpha chosen on validation). Also measures training throughput of
+``sasrec``, ``dnc`` and ``dnc-mmoe`` in one run, interleaved rounds, median
+samples/second (``batch_size`` samples a step: sequence windows under all-position
+training). Writes ``OUT.json`` and ``OUT.md`` (a Markdown table shaped like the
+paper's).
 
     .venv/bin/python bench/quality.py --data runs/demo --m 50,100 \
         --out bench/results/quality-synthetic
@@ -13,6 +16,7 @@ validation). Also measures training throughput of ``sasrec``, ``dnc`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -33,32 +37,14 @@ THROUGHPUT_VARIANTS = ("sasrec", "dnc", "dnc-mmoe")
 
 
 def _config(args, variant: str, output: str, **overrides):
-    from trainer.config import ModelConfig, TrainConfig
+    """The TrainConfig of ``variant``: its regime under ``--preset``, the given knob flags,
+    ``eval_m`` from ``--m``, then ``overrides`` (knob name -> value)."""
+    from trainer import knobs
 
-    model = ModelConfig(
-        embedding_dim=args.dim, max_len=args.max_len, num_blocks=args.blocks, dropout=args.dropout
+    values = {**knobs.values_from_args(args), "eval_m": (max(args.m),), **overrides}
+    return knobs.build_config(
+        args.data, output, variant, getattr(args, "preset", "default"), values
     )
-    values = dict(
-        data=args.data,
-        output=output,
-        variant=variant,
-        model=model,
-        loss=args.loss,
-        training=args.training,
-        num_negatives=args.num_negatives,
-        mixed_ratio=args.mixed_ratio,
-        intent_weight=args.intent_weight,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        steps_per_epoch=args.steps_per_epoch,
-        eval_m=(max(args.m),),
-        eval_users=args.eval_users,
-        patience=args.patience,
-        seed=args.seed,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
 
 
 def run_metadata() -> Dict[str, Any]:
@@ -86,8 +72,9 @@ def run_variant(args, variant: str, work: str, name: str = "", **overrides) -> D
     from trainer.train import train
 
     output = os.path.join(work, name or variant)
+    config = _config(args, variant, output, **overrides)
     start = time.monotonic()
-    result = train(_config(args, variant, output, **overrides), verbose=2)
+    result = train(config, verbose=2)
     train_seconds = time.monotonic() - start
     report = evaluate_model(output, args.data, m_values=args.m, progress=False)
     report.pop("table")
@@ -98,7 +85,10 @@ def run_variant(args, variant: str, work: str, name: str = "", **overrides) -> D
         "train_seconds": round(train_seconds, 1),
         "train_samples_per_second": round(statistics.median(rates), 1),
         "samples_per_epoch": result.samples_per_epoch,
-        "training": overrides.get("training", args.training),
+        "training": config.training,
+        "train_config": {
+            k: v for k, v in dataclasses.asdict(config).items() if k not in ("data", "output")
+        },
         "history": result.history,
     }
 
@@ -111,9 +101,10 @@ def measure_throughput(args, variants, steps: int, rounds: int) -> Dict[str, Any
     from trainer.train import build_model, make_dataset
 
     items = data.load_items(args.data)
-    models, iterators = {}, {}
+    models, iterators, batch_sizes = {}, {}, {}
     for variant in variants:
         config = _config(args, variant, "")
+        batch_sizes[variant] = config.batch_size
         tf.keras.utils.set_random_seed(config.seed)
         dataset = make_dataset(config, items)
         model = build_model(config, items)
@@ -131,13 +122,14 @@ def measure_throughput(args, variants, steps: int, rounds: int) -> Dict[str, Any
             for _ in range(steps):
                 logs = step(it)
             float(logs["loss"])  # wait for the last step
-            timings[variant].append(steps * args.batch_size / (time.perf_counter() - start))
+            rate = steps * batch_sizes[variant] / (time.perf_counter() - start)
+            timings[variant].append(rate)
     rates = {v: round(statistics.median(t), 1) for v, t in timings.items()}
     return {
         "samples_per_second": rates,
         "rounds": {v: [round(x, 1) for x in t] for v, t in timings.items()},
         "steps_per_round": steps,
-        "batch_size": args.batch_size,
+        "batch_size": batch_sizes,
         "ratio_dnc_over_sasrec": round(rates["dnc"] / rates["sasrec"], 3),
         "ratio_mmoe_over_sasrec": round(rates["dnc-mmoe"] / rates["sasrec"], 3),
     }
@@ -178,34 +170,47 @@ def markdown(results: Dict[str, Dict[str, Any]], m_values, throughput, title: st
     return "\n".join(lines) + "\n"
 
 
+# The knobs bench/tune.py takes from add_model_arguments (its flags --dim, --blocks, ...).
+MODEL_ARGUMENTS = (
+    "batch_size",
+    "learning_rate",
+    "max_len",
+    "embedding_dim",
+    "num_blocks",
+    "dropout",
+    "eval_users",
+    "seed",
+)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Architecture and training flags every variant shares (same defaults everywhere)."""
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--max-len", type=int, default=50)
-    parser.add_argument("--dim", type=int, default=50)
-    parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--eval-users", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=42)
+    """The architecture and training knobs of ``MODEL_ARGUMENTS`` (for bench/tune.py).
+
+    Their defaults are concrete, the default regime's values (the same for every
+    variant): tune.py records them and checks them against ``--include``d reports.
+    """
+    from trainer import knobs
+
+    defaults = {name: knobs.common_default(name) for name in MODEL_ARGUMENTS}
+    knobs.add_arguments(parser, names=MODEL_ARGUMENTS, defaults=defaults, show_regime=False)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from trainer import knobs
+    from trainer.config import PRESETS
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Every knob flag left unset takes each variant's regime under --preset "
+        "(trainer.config.make_train_config), as in dnc train.",
+    )
     parser.add_argument("--data", required=True, help="dnc preprocess --output")
     parser.add_argument("--variants", default=",".join(ALL_VARIANTS))
-    parser.add_argument("--m", default="20,50")
+    parser.add_argument("--m", default="20,50", help="list sizes; the largest drives training")
     parser.add_argument("--out", required=True, help="output path without extension")
     parser.add_argument("--title", default=None)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--steps-per-epoch", type=int, default=None)
-    add_model_arguments(parser)
-    parser.add_argument("--loss", default="bce", help="bce, sampled-softmax or softmax")
-    parser.add_argument("--training", default="prefix", help="prefix or all-positions")
-    parser.add_argument("--num-negatives", type=int, default=1)
-    parser.add_argument("--mixed-ratio", type=float, default=0.5)
-    parser.add_argument("--intent-weight", type=float, default=0.1)
-    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--preset", default="default", choices=PRESETS)
+    knobs.add_arguments(parser.add_argument_group("training knobs"), exclude=("eval_m",))
     parser.add_argument("--throughput-steps", type=int, default=30)
     parser.add_argument("--throughput-rounds", type=int, default=3)
     parser.add_argument(

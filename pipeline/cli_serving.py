@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import List
 
-from pipeline.cli_trainer import _alpha
+from pipeline.cli_trainer import _alpha, add_merge_argument
 
 log = logging.getLogger("dnc")
 
@@ -22,6 +22,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-results", type=int, default=200)
     p.add_argument("--num-results", type=int, default=50, help="M of serving_default")
     p.add_argument("--alpha", type=_alpha, default=None, help="default: chosen on validation")
+    add_merge_argument(p)
     p.add_argument("--max-history", type=int, default=None)
     p.set_defaults(handler=run_export)
 
@@ -61,6 +62,7 @@ def run_export(args: argparse.Namespace, extra: List[str]) -> int:
                 max_num_results=args.max_num_results,
                 default_num_results=args.num_results,
                 alpha=args.alpha,
+                merge=args.merge,
                 max_history=args.max_history,
             )
     except ValueError as e:

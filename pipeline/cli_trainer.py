@@ -10,15 +10,7 @@ import math
 import sys
 from typing import List, Optional
 
-from trainer.config import (
-    INTENT_ENCODERS,
-    LOSSES,
-    SOFTMAX_SCOPES,
-    TRAININGS,
-    VARIANTS,
-    ModelConfig,
-    TrainConfig,
-)
+from trainer.config import PRESETS, VARIANTS, TrainConfig
 
 log = logging.getLogger("dnc")
 
@@ -40,56 +32,52 @@ def _alpha(value: str) -> float:
     return alpha
 
 
+def _merge(value: str) -> str:
+    from trainer.score_merge import check_merge  # imports TensorFlow: only when given
+
+    try:
+        return check_merge(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def add_merge_argument(parser: argparse.ArgumentParser) -> None:
+    """``--merge``: the per-cluster merge (``trainer.score_merge.MERGES``)."""
+    parser.add_argument(
+        "--merge",
+        type=_merge,
+        default=None,
+        metavar="{quota,score}",
+        help="per-cluster merge (trainer.score_merge); default: selected on validation",
+    )
+
+
 def add_train(sub: argparse._SubParsersAction) -> None:
-    """Registers ``dnc train``."""
-    p = sub.add_parser("train", help="train one variant on a preprocessing output")
-    m, t = ModelConfig(), TrainConfig(data="", output="")
+    """Registers ``dnc train``: one flag per knob (``trainer.knobs``), unset by default."""
+    from trainer import knobs
+
+    p = sub.add_parser(
+        "train",
+        help="train one variant on a preprocessing output",
+        description="Every training flag left unset takes the --variant's regime under "
+        "--preset (trainer.config.regime): 'default' is each variant's best measured "
+        "regime, 'paper' the paper's setting. Optional sizes take 'none' for None.",
+    )
     p.add_argument("--data", required=True, help="dnc preprocess --output")
     p.add_argument("--output", required=True, help="model directory")
-    p.add_argument("--variant", default=t.variant, choices=tuple(VARIANTS))
-    p.add_argument("--loss", default=t.loss, choices=LOSSES)
+    p.add_argument("--variant", default="dnc", choices=tuple(VARIANTS))
     p.add_argument(
-        "--softmax-scope",
-        default=t.softmax_scope,
-        choices=SOFTMAX_SCOPES,
-        help="full softmax over: auto (target's cluster for dnc-*, else all), cluster, all",
+        "--preset",
+        default="default",
+        choices=PRESETS,
+        help="regime of the unset flags: default (best measured) or paper",
     )
-    p.add_argument(
-        "--training",
-        default=t.training,
-        choices=TRAININGS,
-        help="prefix: one sample per history prefix; all-positions: whole sequences",
+    group = p.add_argument_group(
+        "training knobs",
+        "TrainConfig and ModelConfig fields (trainer.knobs); unset, each takes the value "
+        "of the --variant's regime under --preset, shown as [regime: ...]",
     )
-    p.add_argument(
-        "--length-buckets",
-        type=int,
-        default=t.length_buckets,
-        help="all-positions: batch windows in this many length buckets, trimmed (0: fixed)",
-    )
-    p.add_argument("--epochs", type=int, default=t.epochs)
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--learning-rate", type=float, default=t.learning_rate)
-    p.add_argument("--num-negatives", type=int, default=t.num_negatives)
-    p.add_argument("--mixed-ratio", type=float, default=t.mixed_ratio)
-    p.add_argument("--intent-weight", type=float, default=t.intent_weight)
-    p.add_argument("--intent-encoder", default=t.intent_encoder, choices=INTENT_ENCODERS)
-    p.add_argument(
-        "--intent-recency",
-        type=float,
-        default=t.intent_recency,
-        help="initial recency slope of the pooled intent encoders (0: plain mean)",
-    )
-    p.add_argument("--steps-per-epoch", type=int, default=None)
-    p.add_argument("--eval-m", type=_int_list, default=t.eval_m)
-    p.add_argument("--eval-users", type=int, default=t.eval_users)
-    p.add_argument("--patience", type=int, default=t.patience)
-    p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--max-len", type=int, default=m.max_len)
-    p.add_argument("--dim", type=int, default=m.embedding_dim)
-    p.add_argument("--blocks", type=int, default=m.num_blocks)
-    p.add_argument("--heads", type=int, default=m.num_heads)
-    p.add_argument("--dropout", type=float, default=m.dropout)
-    p.add_argument("--separate-item-embeddings", action="store_true")
+    knobs.add_arguments(group)
     p.add_argument(
         "--strategy",
         default="default",
@@ -106,43 +94,18 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--m", type=_int_list, default=(20, 50), help="list sizes, e.g. 20,50")
     p.add_argument("--alpha", type=_alpha, default=None, help="default: chosen on validation")
+    add_merge_argument(p)
     p.add_argument("--split", default="test", choices=("test", "validation"))
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(handler=run_evaluate)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """Typed config from ``dnc train`` arguments."""
-    model = ModelConfig(
-        embedding_dim=args.dim,
-        max_len=args.max_len,
-        num_blocks=args.blocks,
-        num_heads=args.heads,
-        dropout=args.dropout,
-        share_item_embeddings=not args.separate_item_embeddings,
-    )
-    return TrainConfig(
-        data=args.data,
-        output=args.output,
-        variant=args.variant,
-        model=model,
-        loss=args.loss,
-        softmax_scope=args.softmax_scope,
-        training=args.training,
-        length_buckets=args.length_buckets,
-        num_negatives=args.num_negatives,
-        mixed_ratio=args.mixed_ratio,
-        intent_weight=args.intent_weight,
-        intent_encoder=args.intent_encoder,
-        intent_recency=args.intent_recency,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        steps_per_epoch=args.steps_per_epoch,
-        eval_m=args.eval_m,
-        eval_users=args.eval_users,
-        patience=args.patience,
-        seed=args.seed,
+    """Typed config from ``dnc train`` arguments (``make_train_config`` + the given flags)."""
+    from trainer import knobs
+
+    return knobs.build_config(
+        args.data, args.output, args.variant, args.preset, knobs.values_from_args(args)
     )
 
 
@@ -178,11 +141,11 @@ def run_evaluate(args: argparse.Namespace, extra: List[str]) -> int:
     from trainer.evaluate_model import evaluate_model, write_json
 
     report = evaluate_model(
-        args.model, args.data, m_values=args.m, alpha=args.alpha, split=args.split
+        args.model, args.data, m_values=args.m, alpha=args.alpha, split=args.split, merge=args.merge
     )
     print(
         f"{report['variant']} on {report['split']} ({report['users']} users, "
-        f"alpha={report['alpha']}):"
+        f"merge={report['merge']}, alpha={report['alpha']}):"
     )
     print(report["table"])
     if args.json:

@@ -3,18 +3,20 @@
 Every field has a default and a description (``field(metadata={"help": ...})`` on
 this module's sections; the ``Attributes:`` docstring section for the reused
 preprocessing/trainer dataclasses). Unknown keys raise ``ValueError`` naming the
-dotted key. ``PipelineConfig()`` is the embedded demo: small synthetic data, ``dnc``
-and ``sasrec`` trained for a couple of epochs.
+dotted key. The ``trainer`` section is generated from ``trainer.knobs``: one key per
+``TrainConfig`` field (``model``: the ``ModelConfig`` fields), null meaning the
+variant's regime (``trainer.config.make_train_config``). ``PipelineConfig()`` has small
+synthetic data and trains ``dnc`` and ``sasrec`` in their regimes; :func:`demo_config`
+(the embedded demo) sets a small model and two epochs on top.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 import typing
-from typing import Any, Dict, Mapping, Optional, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, Union
 
 from preprocessing.config import (
     FILTER_MODES,
@@ -22,10 +24,26 @@ from preprocessing.config import (
     ClusteringConfig,
     SyntheticConfig,
 )
-from trainer.config import LOSSES, VARIANTS, ModelConfig
+from trainer import knobs
+from trainer.config import PRESETS, VARIANTS, ModelConfig, TrainConfig
 
 ANOMALY_POLICIES = ("warn", "fail")
 INDEX_KINDS = ("scann", "brute-force")
+BEST = "best"  # serving.variant: the servable variant with the best validation recall
+
+# The embedded demo's training settings (``dnc pipeline run`` without --config): a small,
+# fast model, set explicitly here as a config file would; every other knob takes the
+# variants' regimes, like any config file's unset knobs.
+DEMO_TRAINER: Mapping[str, Any] = {
+    "epochs": 2,
+    "eval_users": 500,
+    "model": {"embedding_dim": 32, "max_len": 50, "num_blocks": 1},
+}
+
+
+def servable(variant: str) -> bool:
+    """Whether ``variant`` can be exported for serving (``mf`` needs user indices)."""
+    return VARIANTS[variant].user_tower != "mf"
 
 
 def _f(default: Any, help: str, factory: bool = False) -> Any:  # noqa: A002
@@ -105,26 +123,46 @@ class TransformSection:
     num_shards: int = _f(1, "TFRecord shards per split (0 lets the runner decide)")
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainerSection:
-    """Trainer settings, shared by every trained variant."""
+def _knob_fields(model: bool) -> List[Tuple[str, Any, Any]]:
+    """One ``Optional`` field per knob of ``trainer.knobs`` (None: the regime's value)."""
+    hints = {**typing.get_type_hints(TrainConfig), **typing.get_type_hints(ModelConfig)}
+    out = []
+    for k in knobs.knobs():
+        if k.model != model:
+            continue
+        tp = Optional[hints[k.name]]
+        if k.optional:  # also the explicit None, knobs.NONE
+            tp = Optional[Union[hints[k.name], str]]
+        extra = f"; {knobs.NONE!r}: None" if k.optional else ""
+        help_text = f"{k.help} (null: the variant's regime{extra})"
+        metadata = {"help": help_text, "convert": k.convert}
+        out.append((k.name, tp, dataclasses.field(default=None, metadata=metadata)))
+    return out
 
-    variants: Tuple[str, ...] = _f(("dnc", "sasrec"), "variants to train, one Trainer each")
-    model: ModelConfig = _f(
-        lambda: ModelConfig(embedding_dim=32, max_len=50, num_blocks=1),
-        "architecture",
-        factory=True,
-    )
-    loss: str = _f("bce", f"loss, one of {LOSSES}")
-    num_negatives: int = _f(1, "negatives per positive")
-    epochs: int = _f(2, "maximum epochs")
-    batch_size: int = _f(128, "samples per step")
-    learning_rate: float = _f(1e-3, "Adam learning rate")
-    steps_per_epoch: Optional[int] = _f(None, "cap on steps per epoch (null: one pass)")
-    eval_m: Tuple[int, ...] = _f((20, 50), "list sizes M of the per-epoch validation recall")
-    eval_users: Optional[int] = _f(500, "validation users per epoch (null: all)")
-    patience: int = _f(3, "epochs without improvement before early stopping")
-    seed: int = _f(42, "training seed")
+
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    _knob_fields(model=True),
+    frozen=True,
+    namespace={
+        "__doc__": "``trainer.model``: the ModelConfig knobs (null: the variant's regime).",
+        "__module__": __name__,
+    },
+)
+
+
+class _TrainerMethods:
+    """Trainer settings: the variants to train, the preset and every training knob.
+
+    The knobs are generated from ``trainer.knobs`` (one key per ``TrainConfig`` field,
+    ``model`` a mapping of ``ModelConfig`` fields); a knob left null takes the value of
+    each variant's regime under ``preset`` (``trainer.config.make_train_config``), as
+    an unset ``dnc train`` flag does.
+    """
+
+    variants: Tuple[str, ...]
+    preset: str
+    model: Any
 
     def __post_init__(self) -> None:
         if not self.variants:
@@ -132,6 +170,32 @@ class TrainerSection:
         for v in self.variants:
             if v not in VARIANTS:
                 raise ValueError(f"trainer.variants: unknown variant {v!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"trainer.preset {self.preset!r} is not one of {PRESETS}")
+        for v in self.variants:  # every knob checked now, not when the Trainer runs
+            self.train_config(v, "", "")
+
+    def knob_values(self) -> Dict[str, Any]:
+        """Knob name -> value (None: not set), ``ModelConfig`` knobs included."""
+        return {k.name: getattr(self.model if k.model else self, k.name) for k in knobs.knobs()}
+
+    def train_config(self, variant: str, data: str, output: str) -> TrainConfig:
+        """The ``TrainConfig`` of ``variant``: its regime under ``preset`` + the set knobs."""
+        return knobs.build_config(data, output, variant, self.preset, self.knob_values())
+
+
+TrainerSection = dataclasses.make_dataclass(
+    "TrainerSection",
+    [
+        ("variants", Tuple[str, ...], _f(("dnc", "sasrec"), "variants to train, one Trainer each")),
+        ("preset", str, _f("default", f"regime of the unset knobs, one of {PRESETS}")),
+        ("model", ModelSection, _f(ModelSection, "architecture (ModelConfig knobs)", True)),
+        *_knob_fields(model=False),
+    ],
+    bases=(_TrainerMethods,),
+    frozen=True,
+    namespace={"__doc__": _TrainerMethods.__doc__, "__module__": __name__},
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,22 +205,40 @@ class EvaluatorSection:
     m: int = _f(50, "the M of Recall@M used for blessing")
     tolerance: float = _f(0.01, "largest allowed absolute Recall@M drop vs the pushed model")
     alpha: Optional[float] = _f(None, "quota exponent (null: selected on validation)")
+    merge: Optional[str] = _f(
+        None, "per-cluster merge, quota or score (null: selected on validation with alpha)"
+    )
 
     def __post_init__(self) -> None:
         if self.m < 1 or self.tolerance < 0:
             raise ValueError(f"evaluator.m must be >= 1 and tolerance >= 0, got {self}")
+        if self.merge is not None:
+            from trainer.score_merge import check_merge
+
+            try:
+                check_merge(self.merge)
+            except ValueError as e:
+                raise ValueError(f"evaluator.merge: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
 class ServingSection:
     """Pusher target and the served variant."""
 
-    variant: str = _f("dnc", "the trained variant that is evaluated, blessed and pushed")
+    variant: str = _f(
+        BEST,
+        f"the trained variant that is blessed and pushed; {BEST!r}: the servable one (not mf) "
+        "with the best validation Recall@M",
+    )
     base_path: str = _f("", "serving base path ('' = ROOT/serving)")
     model_name: str = _f("dnc", "served model name; versions go to BASE_PATH/MODEL_NAME/N")
     index: str = _f("scann", f"index kind, one of {INDEX_KINDS}")
 
     def __post_init__(self) -> None:
+        if self.variant != BEST and self.variant not in VARIANTS:
+            raise ValueError(
+                f"serving.variant {self.variant!r} is neither {BEST!r} nor one of {tuple(VARIANTS)}"
+            )
         if self.index not in INDEX_KINDS:
             raise ValueError(f"serving.index {self.index!r} is not one of {INDEX_KINDS}")
 
@@ -186,13 +268,32 @@ class PipelineConfig:
     kfp: KfpSection = _f(KfpSection, "Kubeflow Pipelines compilation", factory=True)
 
     def __post_init__(self) -> None:
+        if not self.servable_variants:
+            raise ValueError(
+                f"none of trainer.variants {self.trainer.variants} can be served "
+                "(mf scores by user index)"
+            )
+        if self.serving.variant == BEST:
+            return
         if self.serving.variant not in self.trainer.variants:
             raise ValueError(
                 f"serving.variant {self.serving.variant!r} is not in trainer.variants "
                 f"{self.trainer.variants}"
             )
-        if VARIANTS[self.serving.variant].user_tower == "mf":
+        if self.serving.variant not in self.servable_variants:
             raise ValueError(f"serving.variant {self.serving.variant!r} cannot be served")
+
+    @property
+    def servable_variants(self) -> Tuple[str, ...]:
+        """The trained variants that can be exported (all but ``mf``), in config order."""
+        return tuple(v for v in self.trainer.variants if servable(v))
+
+    @property
+    def push_candidates(self) -> Tuple[str, ...]:
+        """The variants the Pusher may push: ``serving.variant``, or every servable one."""
+        if self.serving.variant == BEST:
+            return self.servable_variants
+        return (self.serving.variant,)
 
     @property
     def serving_dir(self) -> str:
@@ -260,8 +361,12 @@ def from_dict(cls: Type[Any], raw: Mapping[str, Any], prefix: str = "", default:
             f"; known keys: {', '.join(sorted(names))}"
         )
     defaults = cls() if default is None else default
+    converters = {f.name: f.metadata.get("convert") for f in dataclasses.fields(cls)}
     kwargs = {
-        k: _convert(hints[k], v, f"{prefix}{k}", getattr(defaults, k)) for k, v in raw.items()
+        k: converters[k](v, f"{prefix}{k}")
+        if converters[k]
+        else _convert(hints[k], v, f"{prefix}{k}", getattr(defaults, k))
+        for k, v in raw.items()
     }
     try:
         return dataclasses.replace(defaults, **kwargs)
@@ -272,7 +377,7 @@ def from_dict(cls: Type[Any], raw: Mapping[str, Any], prefix: str = "", default:
 def load_config(path: Optional[str]) -> PipelineConfig:
     """Loads a ``.yaml``/``.yml`` or ``.toml`` file; None gives the embedded demo config."""
     if path is None:
-        return PipelineConfig()
+        return demo_config()
     with open(path, "rb") as f:
         content = f.read()
     if path.endswith(".toml"):
@@ -286,6 +391,12 @@ def load_config(path: Optional[str]) -> PipelineConfig:
     if not isinstance(raw, Mapping):
         raise ValueError(f"config {path}: top level must be a mapping")
     return from_dict(PipelineConfig, raw)
+
+
+def demo_config() -> PipelineConfig:
+    """The embedded demo: ``PipelineConfig()`` (small synthetic data, ``dnc`` and
+    ``sasrec``) with the small, fast model of :data:`DEMO_TRAINER`."""
+    return from_dict(PipelineConfig, {"trainer": DEMO_TRAINER})
 
 
 def to_dict(config: Any) -> Dict[str, Any]:
@@ -304,29 +415,12 @@ def to_dict(config: Any) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- descriptions
 
 
-def _docstring_attributes(cls: type) -> Dict[str, str]:
-    doc = cls.__doc__ or ""
-    match = re.search(r"Attributes:\n(.*)", doc, re.S)
-    if not match:
-        return {}
-    out: Dict[str, str] = {}
-    current = None
-    for line in match.group(1).splitlines():
-        m = re.match(r"\s{4,8}(\w+): (.*)", line)
-        if m:
-            current = m.group(1)
-            out[current] = m.group(2).strip()
-        elif current and line.strip():
-            out[current] += " " + line.strip()
-    return out
-
-
 def field_help(cls: type, name: str) -> str:
     """The description of field ``name`` of dataclass ``cls`` ('' if none)."""
     for f in dataclasses.fields(cls):
         if f.name == name and f.metadata.get("help"):
             return str(f.metadata["help"])
-    return _docstring_attributes(cls).get(name, "")
+    return knobs.docstring_attributes(cls).get(name, "")
 
 
 def describe(config: Any = None, prefix: str = "") -> Dict[str, Tuple[Any, str]]:

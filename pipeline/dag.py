@@ -116,19 +116,23 @@ def create_pipeline(config: PipelineConfig) -> Pipeline:
     nodes.append(
         Node(
             "Evaluator",
-            Evaluator(config.serving.variant, variants, config.evaluator),
+            Evaluator(config.serving.variant, variants, config.evaluator, config.serving.index),
             {**data, **{f"model_{v}": (f"Trainer.{v}", "model") for v in variants}},
         )
     )
+    # The Pusher takes every model it may push: serving.variant's, or with "best" every
+    # servable one; the blessing says which one the Evaluator chose.
+    models = {f"model_{v}": (f"Trainer.{v}", "model") for v in config.push_candidates}
     nodes.append(
         Node(
             "Pusher",
-            Pusher(config.serving, config.serving_dir),
-            {
-                **data,
-                "model": (f"Trainer.{config.serving.variant}", "model"),
-                "blessing": ("Evaluator", "blessing"),
-            },
+            Pusher(
+                config.serving,
+                config.serving_dir,
+                alpha=config.evaluator.alpha,
+                merge=config.evaluator.merge,
+            ),
+            {**data, **models, "blessing": ("Evaluator", "blessing")},
         )
     )
     return Pipeline(config.name, config.root, tuple(nodes))

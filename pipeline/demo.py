@@ -1,7 +1,7 @@
 """``dnc pipeline run`` without a config: the whole stack on the embedded data set.
 
-Runs the pipeline (preprocess, train ``dnc`` and ``sasrec``, evaluate, bless,
-push), serves the pushed model on free loopback ports, sends a few gRPC
+Runs the pipeline (preprocess, train ``dnc`` and ``sasrec``, evaluate, bless and
+push the better one), serves the pushed model on free loopback ports, sends a few gRPC
 queries, prints them and stops the server.
 """
 
@@ -12,7 +12,7 @@ import os
 import time
 from typing import List, Optional, TextIO
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, demo_config
 from pipeline.runner import RunResult, run_pipeline
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def serve_and_query(
 
 def run_demo(config: Optional[PipelineConfig], out: TextIO) -> RunResult:
     """Runs the pipeline of ``config`` (default: the embedded demo) and queries the result."""
-    config = config or PipelineConfig()
+    config = config or demo_config()
     start = time.monotonic()
     result = run_pipeline(config)
     elapsed = time.monotonic() - start

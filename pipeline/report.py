@@ -153,7 +153,26 @@ def _evaluation(metrics: Dict[str, Any], out: str) -> List[str]:
 
     png = _plot(os.path.join(out, "diversity.png"), diversity, "diversity of the lists")
     lines += ["## Diversity", "", f"![diversity]({png})", ""]
+    lines += _selection(metrics, key)
     lines += ["## Blessing", "", metrics["blessing"]["reason"], ""]
+    return lines
+
+
+def _selection(metrics: Dict[str, Any], key: str) -> List[str]:
+    """The served variant: which was asked for, which was chosen, and a better one."""
+    selection = metrics.get("selection")
+    if not selection:
+        return []
+    lines = [
+        "## Served variant",
+        "",
+        f"serving.variant `{selection['requested']}` -> `{selection['chosen']}` "
+        f"({key} {selection['recalls'][selection['chosen']]:.4f}); best servable on "
+        f"validation: `{selection['best']}` ({selection['recalls'][selection['best']]:.4f})",
+        "",
+    ]
+    if selection.get("note"):
+        lines += [f"**Note:** {selection['note']}", ""]
     return lines
 
 

@@ -7,7 +7,9 @@ it and renames it into place, so a model server never sees a partial version.
 The SavedModel (``serving.retrieval_module.RetrievalModule``) maps raw item-id strings
 through the TFT item vocabulary, runs the user tower conditioned on every cluster and
 the intent head, retrieves from one index per cluster (ScaNN or brute force) and merges
-the per-cluster lists with the integer quotas ``M_k ~ M p_k^alpha / sum p^alpha``.
+the per-cluster lists, by default with the merge (and alpha) selected on validation: the
+integer quotas ``M_k ~ M p_k^alpha / sum p^alpha`` or the joint hierarchical-softmax score
+(``trainer.score_merge``; ``scores`` are then the joint scores).
 Plain variants (``merged=False``: ``sasrec``, ``sasrec-mixed``) are served as in their
 evaluation: the global top-M of the unconditioned embedding from one index over all
 items (``alpha`` is accepted and ignored). ``mf`` needs user indices and is rejected.
@@ -52,7 +54,7 @@ from serving.model_config import METADATA_DIR, METADATA_FILE
 from serving.retrieval_module import INDEX_KINDS, RetrievalModule, check_alpha, index_plan
 from trainer import data, evaluation
 from trainer.config import get_variant
-from trainer.evaluate_model import ALPHA_GRID
+from trainer.score_merge import check_merge
 from trainer.train import MODEL_JSON, MODEL_SUBDIR, ModelScorer, load_model
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,9 @@ class ExportConfig:
         index: ``scann`` or ``brute-force``.
         max_num_results: largest ``num_results`` of the ``retrieve`` signature.
         default_num_results: M of ``serving_default`` and ``predict_examples``.
-        alpha: quota exponent; None selects it on the validation split.
+        alpha: quota (or intent) exponent; None selects it on the validation split.
+        merge: ``quota`` or ``score`` (``trainer.score_merge``); None selects it on the
+            validation split together with alpha.
         max_history: most recent history items excluded from the results (older
             ones may come back); each index returns ``max_num_results + max_history``
             candidates so that the exclusion never leaves a list short.
@@ -87,6 +91,7 @@ class ExportConfig:
     max_num_results: int = 200
     default_num_results: int = 50
     alpha: Optional[float] = None
+    merge: Optional[str] = None
     max_history: int = DEFAULT_MAX_HISTORY
     scann_min_size: int = 1024
     leaves_fraction: float = 0.1
@@ -106,6 +111,8 @@ class ExportConfig:
         if not 0.0 < self.leaves_fraction <= 1.0:
             raise ValueError(f"leaves_fraction must be in (0, 1], got {self.leaves_fraction}")
         check_alpha(self.alpha)
+        if self.merge is not None:
+            check_merge(self.merge)
 
 
 def load_exported(path: str) -> Any:
@@ -156,22 +163,28 @@ def _validation_metrics(model_dir: str) -> Dict[str, Any]:
     return {"epoch": best + 1, **metrics}
 
 
-def _select_alpha(model, items: data.ItemsTable, cfg: ExportConfig, max_len: int) -> float:
+def _select_merge(model, items: data.ItemsTable, cfg: ExportConfig, max_len: int):
+    """(merge, alpha) with the best validation Recall@default_num_results."""
     validation = data.evaluation_data(cfg.data_dir, features.VALIDATION, max_len)
-    selection = evaluation.select_alpha(
+    selection = evaluation.select_merge(
         ModelScorer(model),
         validation.histories,
         validation.targets,
         validation.exclude,
         items.item_cluster,
-        grid=ALPHA_GRID,
+        grids=evaluation.selection_grids(cfg.merge, cfg.alpha),
         m=cfg.default_num_results,
         merged=True,
         progress=False,
         users=validation.users,
     )
-    log.info("alpha %s selected on validation:\n%s", selection.alpha, selection.format_table())
-    return selection.alpha
+    log.info(
+        "merge %s, alpha %s selected on validation:\n%s",
+        selection.merge,
+        selection.alpha,
+        selection.format_table(),
+    )
+    return selection.merge, selection.alpha
 
 
 def _item_vocabulary(data_dir: str, items: data.ItemsTable) -> str:
@@ -218,11 +231,11 @@ def export(cfg: ExportConfig) -> str:
     _build_model(model, max_len, items.num_clusters)
     vocab_path = _item_vocabulary(cfg.data_dir, items)
     if not variant.merged:
-        alpha = 0.0
-    elif cfg.alpha is None:
-        alpha = _select_alpha(model, items, cfg, max_len)
+        merge, alpha = "quota", 0.0
+    elif cfg.alpha is None or cfg.merge is None:
+        merge, alpha = _select_merge(model, items, cfg, max_len)
     else:
-        alpha = float(cfg.alpha)
+        merge, alpha = cfg.merge, float(cfg.alpha)
     plans = _plans(items, variant.merged, cfg)
     module = RetrievalModule(
         model,
@@ -234,6 +247,7 @@ def export(cfg: ExportConfig) -> str:
         default_num_results=cfg.default_num_results,
         alpha=alpha,
         max_history=cfg.max_history,
+        merge=merge,
     )
     metadata = {
         "variant": variant.name,
@@ -248,6 +262,8 @@ def export(cfg: ExportConfig) -> str:
         "index": {"kind": cfg.index, "scann_min_size": cfg.scann_min_size, "plans": plans},
         "alpha": _json_float(alpha),
         "alpha_selected_on_validation": variant.merged and cfg.alpha is None,
+        "merge": merge,
+        "merge_selected_on_validation": variant.merged and cfg.merge is None,
         "max_num_results": cfg.max_num_results,
         "default_num_results": cfg.default_num_results,
         "max_history": cfg.max_history,
@@ -304,6 +320,7 @@ def export_model(
     default_num_results: int = 50,
     alpha: Optional[float] = None,
     max_history: Optional[int] = None,
+    merge: Optional[str] = None,
     **kwargs: Any,
 ) -> str:
     """Exports a trained model for TF Serving; returns the new version directory.
@@ -316,6 +333,7 @@ def export_model(
         max_num_results: largest ``num_results`` of ``retrieve``.
         default_num_results: M of ``serving_default``.
         alpha: quota exponent; None selects it on validation (merged variants).
+        merge: ``quota`` or ``score``; None selects it on validation (merged variants).
         max_history: recent history items excluded (None: ``DEFAULT_MAX_HISTORY``).
         **kwargs: further ``ExportConfig`` fields (``scann_min_size``, ``leaves_fraction``).
     """
@@ -327,6 +345,7 @@ def export_model(
         max_num_results=max_num_results,
         default_num_results=default_num_results,
         alpha=alpha,
+        merge=merge,
         max_history=DEFAULT_MAX_HISTORY if max_history is None else max_history,
         **kwargs,
     )

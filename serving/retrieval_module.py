@@ -7,7 +7,11 @@
 * the trained towers (user tower conditioned on a cluster, intent head),
 * one top-k index per cluster (``tfrs`` ``ScaNN`` or ``BruteForce``) whose identifiers
   are the raw item-id strings, or a single index over all items for plain variants,
-* the quota merge (``trainer.quotas.compute_quotas_tf`` + ``merge_per_cluster_tf``).
+* the merge: ``quota`` (``trainer.quotas.compute_quotas_tf`` + ``merge_per_cluster_tf``)
+  or ``score`` (``trainer.score_merge.score_merge_tf``: the top-M of the union of the
+  per-cluster lists by ``alpha * log p_k + s - log Z_k``; the in-cluster log-partition
+  ``log Z_k`` is exact, from one matmul per cluster against that cluster's item
+  embeddings, kept in the module for this purpose, with the history items left out).
 
 History handling of one request (``history`` [B, n] raw ids, oldest first):
 
@@ -34,6 +38,7 @@ import tensorflow_recommenders as tfrs
 from preprocessing import features, transform
 from trainer.config import PAD_ID
 from trainer.quotas import compute_quotas_tf, merge_per_cluster_tf
+from trainer.score_merge import check_merge, log_partition_tf, score_merge_tf
 
 INDEX_KINDS = ("scann", "brute-force")
 
@@ -172,6 +177,7 @@ class RetrievalModule(tf.Module):
         default_num_results: M of ``serving_default``.
         alpha: default quota exponent.
         max_history: history items excluded from the results (the most recent ones).
+        merge: ``quota`` or ``score`` (see the module docstring); plain variants ignore it.
     """
 
     def __init__(
@@ -185,8 +191,10 @@ class RetrievalModule(tf.Module):
         default_num_results: int,
         alpha: float,
         max_history: int,
+        merge: str = "quota",
     ) -> None:
         super().__init__(name="dnc_retrieval")
+        self.merge = check_merge(merge)
         self.model = model
         self.merged = bool(model.variant.merged)
         self.num_clusters = int(model.num_clusters)
@@ -216,6 +224,16 @@ class RetrievalModule(tf.Module):
                 continue
             self.indexes.append(build_index(plan, embeddings[rows], ids[rows], f"index_{c}"))
         self.k_max = max(int(p["k"]) for p in plans)
+        self.cluster_tables: List[Optional[tf.Variable]] = []
+        if self.merged and self.merge == "score":
+            position = np.zeros(len(cluster), np.int32)
+            for c, rows in enumerate(groups):
+                position[rows] = np.arange(rows.size, dtype=np.int32)
+                table = None
+                if rows.size:
+                    table = tf.Variable(embeddings[rows], trainable=False, name=f"items_{c}")
+                self.cluster_tables.append(table)
+            self.position_in_cluster = tf.Variable(position, trainable=False, name="position")
 
     # ------------------------------------------------------------------ building blocks
 
@@ -254,6 +272,25 @@ class RetrievalModule(tf.Module):
         scores = tf.pad(scores, pad, constant_values=-np.inf)
         ids = tf.pad(ids, pad, constant_values=PAD_ID)
         return tf.ensure_shape(scores, [None, self.k_max]), tf.ensure_shape(ids, [None, self.k_max])
+
+    def _log_partition(self, users: tf.Tensor, seen: tf.Tensor) -> tf.Tensor:
+        """[B, K] exact in-cluster log-partitions of users [B, K, d], seen ids left out."""
+        b = tf.shape(users)[0]
+        seen_cluster = tf.gather(self.item_cluster, seen)  # PAD_ID -> -1
+        seen_position = tf.gather(self.position_in_cluster, seen)
+        out = []
+        for c, table in enumerate(self.cluster_tables):
+            if table is None:
+                out.append(tf.fill([b], tf.constant(-np.inf, tf.float32)))
+                continue
+            scores = tf.matmul(users[:, c], table, transpose_b=True)  # [B, n_c]
+            hit = tf.where(tf.equal(seen_cluster, c) & tf.not_equal(seen, PAD_ID))
+            where = tf.stack([hit[:, 0], tf.cast(tf.gather_nd(seen_position, hit), tf.int64)], 1)
+            scores = tf.tensor_scatter_nd_update(
+                scores, where, tf.fill(tf.shape(hit)[:1], tf.constant(-np.inf, tf.float32))
+            )
+            out.append(log_partition_tf(scores, tf.zeros_like(scores, tf.bool)))
+        return tf.stack(out, axis=1)
 
     def _finish(self, ids, scores, clusters, num_results) -> Dict[str, tf.Tensor]:
         width = tf.shape(ids)[1]
@@ -297,8 +334,12 @@ class RetrievalModule(tf.Module):
         per_cluster = [self._candidates(self.indexes[c], users[:, c], seen) for c in range(k)]
         scores = tf.stack([s for s, _ in per_cluster], axis=1)  # [B, K, k_max]
         ids = tf.stack([i for _, i in per_cluster], axis=1)
-        capacity = tf.reduce_sum(tf.cast(ids != PAD_ID, tf.int32), axis=-1)
         p = self.model.intent(tower, training=False)
+        if self.merge == "score":
+            log_z = self._log_partition(users, seen)
+            merged = score_merge_tf(scores, ids, log_z, p, alpha, num_results)
+            return self._finish(*merged, num_results)
+        capacity = tf.reduce_sum(tf.cast(ids != PAD_ID, tf.int32), axis=-1)
         quotas = compute_quotas_tf(p, num_results, alpha, capacity)
         out_ids, out_scores, out_clusters = merge_per_cluster_tf(scores, ids, quotas)
         return self._finish(out_ids, out_scores, out_clusters, num_results)

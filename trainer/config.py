@@ -14,11 +14,12 @@ Conventions shared by every trainer module:
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 PAD_ID = 0
 
 CONDITIONINGS = ("none", "concat", "hadamard", "mmoe")
+PROMPT_POSITIONS = ("input", "output")
 SAMPLERS = ("global", "in_cluster", "mixed")
 LOSSES = ("bce", "sampled-softmax", "softmax")
 SOFTMAX_SCOPES = ("auto", "cluster", "all")
@@ -80,6 +81,10 @@ class ModelConfig:
         share_item_embeddings: the item tower reuses the sequence input
             embeddings (SASRec's choice; fewer parameters, and every item seen
             as a history element also trains its candidate vector).
+        prompt_position: where the Hadamard prompt of ``dnc`` gates: ``input`` (Eq. 5:
+            every history embedding, so each cluster needs its own Transformer pass) or
+            ``output`` (the Transformer's output: one pass serves every cluster, the
+            cost of plain SASRec).
     """
 
     embedding_dim: int = 50
@@ -89,8 +94,14 @@ class ModelConfig:
     dropout: float = 0.2
     num_experts: int = 4
     share_item_embeddings: bool = True
+    prompt_position: str = "input"
 
     def __post_init__(self) -> None:
+        if self.prompt_position not in PROMPT_POSITIONS:
+            raise ValueError(
+                f"unknown prompt_position {self.prompt_position!r}; expected one of "
+                f"{PROMPT_POSITIONS}"
+            )
         for name in ("embedding_dim", "max_len", "num_blocks", "num_heads", "num_experts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -200,3 +211,102 @@ class TrainConfig:
             raise ValueError(f"intent_weight must be >= 0, got {self.intent_weight}")
         if not self.eval_m or min(self.eval_m) < 1:
             raise ValueError(f"eval_m must be positive list sizes, got {self.eval_m}")
+
+
+# ----------------------------------------------------------------------------- regimes
+
+PRESETS = ("default", "paper")
+
+# The paper's setting (Sec. 4.1): per-prefix samples, BCE with one negative, the SASRec
+# hyper-parameters (d = 50, n = 200, 2 blocks, 1 head, dropout 0.2, Adam 1e-3, batch 128).
+_PAPER: Dict[str, Any] = {
+    "training": "prefix",
+    "loss": "bce",
+    "num_negatives": 1,
+    "length_buckets": 0,
+    "intent_encoder": "pooled",
+    "intent_recency": 0.0,
+    "intent_weight": 0.1,
+    "epochs": 20,
+    "batch_size": 128,
+    "learning_rate": 1e-3,
+    "model": ModelConfig(),
+}
+
+# The best regime measured on validation (docs/results.md): all-position training
+# (SASRec-style, every position predicts its next item) with a log-Q corrected sampled
+# softmax, in the target's cluster for the in-cluster variants.
+_DEFAULT: Dict[str, Any] = {
+    "training": "all-positions",
+    "loss": "sampled-softmax",
+    "num_negatives": 128,
+    "length_buckets": 0,
+    "intent_encoder": "pooled-clusters",
+    "intent_recency": 1.0,
+    "intent_weight": 1.0,
+    "epochs": 30,
+    "batch_size": 128,
+    "learning_rate": 1e-3,
+    "model": ModelConfig(max_len=50),
+}
+# Per-variant departures from _DEFAULT.
+_DEFAULT_BY_VARIANT: Dict[str, Dict[str, Any]] = {
+    "mf": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
+    "sasrec": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
+    "sasrec-mixed": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
+}
+
+
+def regime(variant: str, preset: str = "default") -> Dict[str, Any]:
+    """The ``TrainConfig`` field values of a variant's named regime.
+
+    Args:
+        variant: a ``--variant`` name.
+        preset: ``default`` (the best setting measured on validation) or ``paper``
+            (the paper's own setting).
+
+    Returns:
+        Field name -> value (``model`` is a ``ModelConfig``); fields not named keep the
+        ``TrainConfig`` defaults.
+    """
+    get_variant(variant)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+    if preset == "paper":
+        return dict(_PAPER)
+    return {**_DEFAULT, **_DEFAULT_BY_VARIANT.get(variant, {})}
+
+
+def make_train_config(
+    data: str,
+    output: str,
+    variant: str = "dnc",
+    preset: str = "default",
+    model_overrides: Optional[Dict[str, Any]] = None,
+    **overrides: Any,
+) -> TrainConfig:
+    """``TrainConfig`` of ``variant`` under ``preset``, with explicit overrides on top.
+
+    This is what ``dnc train``, the pipeline's Trainer and the benchmarks build their
+    configs with, so that "no flags" means the same regime everywhere.
+
+    Args:
+        data, output: as in ``TrainConfig``.
+        variant: the ``--variant`` name.
+        preset: see :func:`regime`.
+        model_overrides: ``ModelConfig`` fields to change (``embedding_dim=64``, ...).
+        **overrides: other ``TrainConfig`` fields; ``None`` values are ignored
+            (= not given).
+    """
+    values = regime(variant, preset)
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    model = values.get("model", ModelConfig())
+    if model_overrides:
+        model = dataclasses.replace(
+            model, **{k: v for k, v in model_overrides.items() if v is not None}
+        )
+    values["model"] = model
+    return TrainConfig(data=data, output=output, variant=variant, **values)

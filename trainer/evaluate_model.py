@@ -1,9 +1,9 @@
 """``dnc evaluate``: a trained model on the held-out test items, paper protocol.
 
-Alpha (the quota exponent) is chosen on the validation split from a grid unless
-given; the test split is then evaluated once with it. Merged variants return the
-divide-and-conquer merge; plain variants global top-M, with the merge as an
-extra column (``merged_recall@M``).
+The merge (``quota`` or ``score``) and its alpha are chosen on the validation
+split from a grid unless given; the test split is then evaluated once with them.
+Merged variants return the divide-and-conquer merge; plain variants global top-M,
+with the merge as an extra column (``merged_recall@M``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from trainer.train import ModelScorer, load_model
 
 log = logging.getLogger(__name__)
 
-ALPHA_GRID = (0.0, 0.5, 1.0, 2.0, 4.0, math.inf)
+ALPHA_GRID = evaluation.DEFAULT_ALPHA_GRID
 
 
 def _json_alpha(alpha: float) -> Any:
@@ -33,9 +33,10 @@ def evaluate_model(
     data_dir: str,
     m_values: Sequence[int] = (20, 50),
     alpha: Optional[float] = None,
-    alpha_grid: Sequence[float] = ALPHA_GRID,
+    alpha_grid: Optional[Sequence[float]] = None,
     split: str = features.TEST,
     progress: Optional[bool] = None,
+    merge: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Evaluates a trained model; returns the flat JSON of the contract.
 
@@ -44,9 +45,11 @@ def evaluate_model(
         data_dir: the preprocessing output it was trained on.
         m_values: list sizes M.
         alpha: quota exponent; None selects it on validation from ``alpha_grid``.
-        alpha_grid: candidates for the selection.
+        alpha_grid: candidates for the selection (None: each merge's own grid,
+            ``evaluation.MERGE_GRIDS``).
         split: ``test`` (default) or ``validation``.
         progress: tqdm bars (None: automatic).
+        merge: ``quota`` or ``score``; None selects it on validation with alpha.
     """
     model, config = load_model(model_dir, data_dir)
     variant = get_variant(config.variant)
@@ -54,22 +57,30 @@ def evaluate_model(
     scorer = ModelScorer(model)
     max_len = config.model.max_len
     selection = None
-    if alpha is None:
+    if alpha is None or merge is None:
+        grids = evaluation.selection_grids(merge, alpha)
+        if alpha_grid is not None and alpha is None:
+            grids = {g: tuple(alpha_grid) for g in grids}
         validation = data.evaluation_data(data_dir, features.VALIDATION, max_len)
-        selection = evaluation.select_alpha(
+        selection = evaluation.select_merge(
             scorer,
             validation.histories,
             validation.targets,
             validation.exclude,
             items.item_cluster,
-            grid=alpha_grid,
+            grids=grids,
             m=max(m_values),
             merged=variant.merged,
             progress=progress,
             users=validation.users,
         )
-        alpha = selection.alpha
-        log.info("alpha %s selected on validation:\n%s", alpha, selection.format_table())
+        merge, alpha = selection.merge, selection.alpha
+        log.info(
+            "merge %s, alpha %s selected on validation:\n%s",
+            merge,
+            alpha,
+            selection.format_table(),
+        )
     held_out = data.evaluation_data(data_dir, split, max_len)
     result = evaluation.evaluate(
         scorer,
@@ -82,6 +93,7 @@ def evaluate_model(
         merged=variant.merged,
         progress=progress,
         users=held_out.users,
+        merge=merge,
     )
     report = {
         **result.to_json(),
@@ -90,6 +102,7 @@ def evaluate_model(
         "split": split,
         "alpha": _json_alpha(alpha),
         "alpha_selection": None if selection is None else selection.to_json(),
+        "merge": merge,
         "table": result.format_table(),
     }
     return report

@@ -29,10 +29,16 @@ from tqdm.auto import tqdm
 
 from trainer import metrics
 from trainer.config import PAD_ID
-from trainer.metrics import AlphaSelection, EvaluationResult
+from trainer.metrics import AlphaSelection, EvaluationResult, MergeSelection
 
 DEFAULT_ALPHA = 1.0
 DEFAULT_ALPHA_GRID: Tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, math.inf)
+# alpha = 1 is the hierarchical softmax; 0 ignores the intent, inf takes clusters in order.
+SCORE_ALPHA_GRID: Tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 4.0, math.inf)
+MERGE_GRIDS: Dict[str, Tuple[float, ...]] = {
+    "quota": DEFAULT_ALPHA_GRID,
+    "score": SCORE_ALPHA_GRID,
+}
 MEMORY_BUDGET_BYTES = 256 * 2**20
 PROGRESS_MIN_USERS = 5000
 # Working set of one user during scoring: exclusion mask plus the scores and
@@ -148,6 +154,7 @@ class _Batch:
     scores: np.ndarray  # [B, K, L]
     capacity: np.ndarray  # [B, K] candidates available in each cluster
     intent: Optional[np.ndarray]  # [B, K]
+    log_z: np.ndarray  # [B, K] in-cluster log-partition over the unseen items
     targets: np.ndarray  # [B]
     target_clusters: np.ndarray  # [B]
 
@@ -229,6 +236,8 @@ def _batches(
     memory_budget: int,
 ) -> Iterator[_Batch]:
     """Per-cluster top-``length`` lists of every user batch (exact, tie-consistent)."""
+    from trainer.score_merge import log_partition
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     users, k = data.histories.shape[0], data.num_tasks
@@ -264,6 +273,7 @@ def _batches(
             ids = np.zeros((b, k, length), dtype=np.int64)
             scores = np.full((b, k, length), -np.inf, dtype=np.float32)
             capacity = np.zeros((b, k), dtype=np.int64)
+            log_z = np.full((b, k), -np.inf)
             for c, (cols, emb) in enumerate(zip(data.cluster_items, cluster_emb, strict=True)):
                 if cols.size == 0:
                     continue
@@ -271,6 +281,7 @@ def _batches(
                 excluded = mask[:, cols]
                 s[excluded] = -np.inf
                 capacity[:, c] = cols.size - excluded.sum(axis=1)
+                log_z[:, c] = log_partition(s, excluded)
                 ids[:, c], scores[:, c] = metrics.top_k_exact(s, cols, length)
             intent = scorer.intent(hist)
             if intent is not None:
@@ -278,15 +289,26 @@ def _batches(
                 if intent.shape != (b, k):
                     raise ValueError(f"intent() has shape {intent.shape}, expected {(b, k)}")
             targets = data.targets[start:stop]
-            yield _Batch(ids, scores, capacity, intent, targets, data.item_cluster[targets])
+            yield _Batch(ids, scores, capacity, intent, log_z, targets, data.item_cluster[targets])
             bar.update(b)
 
 
-def _merge(batch: _Batch, m: int, alpha: float) -> np.ndarray:
-    """Quota merge of a batch's per-cluster lists for list size m (uniform p without intent)."""
+def _merge(batch: _Batch, m: int, alpha: float, merge: str = "quota") -> np.ndarray:
+    """Merge of a batch's per-cluster lists for list size m (uniform p without intent).
+
+    ``quota``: integer quotas (``trainer.quotas``), lists in cluster order;
+    ``score``: top-m by the joint score (``trainer.score_merge``), best first.
+    """
+    # Imported here: both modules load TensorFlow, which NumPy-only callers do not need.
+    from trainer import score_merge
     from trainer.quotas import compute_quotas
 
     p = batch.intent if batch.intent is not None else np.ones(batch.capacity.shape)
+    if merge == "score":
+        ids, _, _ = score_merge.score_merge(
+            batch.scores[:, :, :m], batch.ids[:, :, :m], batch.log_z, p, alpha, m
+        )
+        return ids
     quotas = np.asarray(compute_quotas(p, m, alpha, batch.capacity), dtype=np.int64)
     return metrics.merge_lists(batch.ids[:, :, :m], quotas)
 
@@ -296,6 +318,12 @@ def _check_m(m_values: Sequence[int]) -> Tuple[int, ...]:
     if not ms or min(ms) < 1:
         raise ValueError(f"list sizes M must be >= 1, got {tuple(m_values)}")
     return ms
+
+
+def _check_merge(merge: str) -> str:
+    if merge not in MERGE_GRIDS:
+        raise ValueError(f"unknown merge {merge!r}; expected one of {tuple(MERGE_GRIDS)}")
+    return merge
 
 
 def _check_alpha(alpha: float) -> float:
@@ -318,6 +346,7 @@ def evaluate(
     progress: Optional[bool] = None,
     memory_budget: int = MEMORY_BUDGET_BYTES,
     users: Optional[np.ndarray] = None,
+    merge: str = "quota",
 ) -> EvaluationResult:
     """Exact Recall@M, within-cluster recall, intent accuracy and diversity.
 
@@ -340,11 +369,15 @@ def evaluate(
         memory_budget: approximate bytes of scoring working set per batch.
         users: ``[U]`` user indices, passed to ``scorer.user_embeddings(..., users=)``
             for scorers keyed by user (the MF baseline); None for sequence models.
+        merge: ``quota`` (the paper's integer quotas) or ``score`` (the joint
+            hierarchical-softmax score, ``trainer.score_merge``).
 
     Returns:
-        The :class:`EvaluationResult`.
+        The :class:`EvaluationResult`. ``within_cluster_recall`` is also the recall
+        of an oracle intent: the top-M of the target's own cluster.
     """
     ms = _check_m(m_values)
+    _check_merge(merge)
     alpha = _check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
     data = _prepare(scorer, histories, targets, exclude, item_cluster, users)
     k = data.num_tasks
@@ -364,12 +397,13 @@ def evaluate(
         rows = np.arange(batch.targets.shape[0])
         for m in ms:
             if merged:
-                lists = _merge(batch, m, used_alpha)
+                lists = _merge(batch, m, used_alpha, merge)
             else:
                 lists = metrics.global_from_cluster_lists(
                     batch.ids[:, :, :m], batch.scores[:, :, :m], m
                 )
-                add(f"merged_recall@{m}", metrics.hits(_merge(batch, m, used_alpha), batch.targets))
+                merged_lists = _merge(batch, m, used_alpha, merge)
+                add(f"merged_recall@{m}", metrics.hits(merged_lists, batch.targets))
             add(f"recall@{m}", metrics.hits(lists, batch.targets))
             own = batch.ids[rows, batch.target_clusters, :m]
             add(f"within_cluster_recall@{m}", metrics.hits(own, batch.targets))
@@ -387,6 +421,7 @@ def evaluate(
         users=users,
         merged=merged,
         alpha=alpha if has_intent else 0.0,
+        merge=merge,
         m_values=ms,
         recall=per_m("recall"),
         within_cluster_recall=per_m("within_cluster_recall"),
@@ -396,6 +431,71 @@ def evaluate(
         intent_top1=means["intent_top1"] if has_intent else None,
         intent_top3=means["intent_top3"] if has_intent else None,
     )
+
+
+def select_merge(
+    scorer: Scorer,
+    histories: np.ndarray,
+    targets: np.ndarray,
+    exclude: object,
+    item_cluster: np.ndarray,
+    grids: Optional[Dict[str, Sequence[float]]] = None,
+    m: int = 50,
+    merged: bool = True,
+    batch_size: int = 256,
+    progress: Optional[bool] = None,
+    memory_budget: int = MEMORY_BUDGET_BYTES,
+    users: Optional[np.ndarray] = None,
+) -> MergeSelection:
+    """Picks the merge and its alpha with the best validation Recall@m.
+
+    The per-cluster top lists are computed once per batch; only the (cheap)
+    merges are repeated for every (merge, alpha) point of the grids.
+
+    Args:
+        scorer: the model; it must have an intent head.
+        histories, targets, exclude, item_cluster: validation data, as in :func:`evaluate`.
+        grids: merge -> candidate alphas (>= 0, ``math.inf`` allowed); None:
+            ``MERGE_GRIDS`` (both merges).
+        m: list size of the selection metric.
+        merged: per-cluster lists from the conditioned tower (True) or from the
+            unconditioned embedding (False, the merge column of plain models).
+        batch_size, progress, memory_budget: as in :func:`evaluate`.
+
+    Returns:
+        The :class:`MergeSelection` (the first point in grid order wins ties).
+    """
+    (m,) = _check_m((m,))
+    grids = MERGE_GRIDS if grids is None else grids
+    points = [(_check_merge(g), _check_alpha(a)) for g, alphas in grids.items() for a in alphas]
+    if not points:
+        raise ValueError("grids must hold at least one alpha")
+    data = _prepare(scorer, histories, targets, exclude, item_cluster, users)
+    found = {point: 0.0 for point in points}
+    for batch in _batches(scorer, data, m, merged, batch_size, progress, memory_budget):
+        if batch.intent is None:
+            raise ValueError("merge selection needs a scorer with intent (intent() returned None)")
+        for merge, a in points:
+            hits = metrics.hits(_merge(batch, m, a, merge), batch.targets)
+            found[(merge, a)] += float(np.sum(hits))
+    users = data.histories.shape[0]
+    recalls = {point: found[point] / users for point in points}
+    best = max(points, key=lambda point: (recalls[point], -points.index(point)))
+    return MergeSelection(merge=best[0], alpha=best[1], m=m, recalls=recalls, users=users)
+
+
+def selection_grids(
+    merge: Optional[str] = None, alpha: Optional[float] = None
+) -> Dict[str, Tuple[float, ...]]:
+    """The (merge, alpha) points left to select on validation when some are fixed.
+
+    ``merge=None`` searches both merges, ``alpha=None`` each merge's grid; a given
+    value pins that part (so both given leaves one point).
+    """
+    merges = tuple(MERGE_GRIDS) if merge is None else (_check_merge(merge),)
+    if alpha is None:
+        return {g: MERGE_GRIDS[g] for g in merges}
+    return {g: (_check_alpha(alpha),) for g in merges}
 
 
 def select_alpha(
@@ -411,39 +511,24 @@ def select_alpha(
     progress: Optional[bool] = None,
     memory_budget: int = MEMORY_BUDGET_BYTES,
     users: Optional[np.ndarray] = None,
+    merge: str = "quota",
 ) -> AlphaSelection:
-    """Picks the quota exponent with the best validation Recall@m.
+    """Picks the alpha of one merge with the best validation Recall@m.
 
-    The per-cluster top lists are computed once per batch; only the (cheap)
-    quota merge is repeated for every alpha of the grid.
-
-    Args:
-        scorer: the model; it must have an intent head.
-        histories, targets, exclude, item_cluster: validation data, as in :func:`evaluate`.
-        grid: candidate alphas (>= 0, ``math.inf`` allowed).
-        m: list size of the selection metric.
-        merged: per-cluster lists from the conditioned tower (True) or from the
-            unconditioned embedding (False, the merge column of plain models).
-        batch_size, progress, memory_budget: as in :func:`evaluate`.
+    Arguments as in :func:`select_merge`, with one ``grid`` for ``merge``.
 
     Returns:
         The :class:`AlphaSelection` (best alpha first in grid order on ties).
     """
-    (m,) = _check_m((m,))
     alphas = tuple(_check_alpha(a) for a in grid)
     if not alphas:
         raise ValueError("grid must hold at least one alpha")
-    data = _prepare(scorer, histories, targets, exclude, item_cluster, users)
-    found = {a: 0.0 for a in alphas}
-    for batch in _batches(scorer, data, m, merged, batch_size, progress, memory_budget):
-        if batch.intent is None:
-            raise ValueError("select_alpha needs a scorer with intent (intent() returned None)")
-        for a in alphas:
-            found[a] += float(np.sum(metrics.hits(_merge(batch, m, a), batch.targets)))
-    users = data.histories.shape[0]
-    recalls = {a: found[a] / users for a in alphas}
-    best = max(alphas, key=lambda a: (recalls[a], -alphas.index(a)))
-    return AlphaSelection(alpha=best, m=m, recalls=recalls, users=users)
+    sel = select_merge(
+        scorer, histories, targets, exclude, item_cluster, {merge: alphas}, m, merged,
+        batch_size, progress, memory_budget, users,
+    )  # fmt: skip
+    recalls = {a: r for (_, a), r in sel.recalls.items()}
+    return AlphaSelection(alpha=sel.alpha, m=sel.m, recalls=recalls, users=sel.users)
 
 
 def retrieve(
@@ -458,21 +543,23 @@ def retrieve(
     progress: Optional[bool] = None,
     memory_budget: int = MEMORY_BUDGET_BYTES,
     users: Optional[np.ndarray] = None,
+    merge: str = "quota",
 ) -> np.ndarray:
     """The M items :func:`evaluate` returns to every user (for inspection and tests).
 
     Returns:
         ``[U, m]`` model item ids, ``PAD_ID`` where fewer than m candidates
-        exist. Plain lists are ordered best first; merged lists are in cluster
-        order (each cluster's share best first).
+        exist. Plain lists and score-merged lists are ordered best first;
+        quota-merged lists are in cluster order (each cluster's share best first).
     """
     (m,) = _check_m((m,))
+    _check_merge(merge)
     alpha = _check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
     data = _prepare(scorer, histories, None, exclude, item_cluster, users)
     out = []
     for batch in _batches(scorer, data, m, merged, batch_size, progress, memory_budget):
         if merged:
-            lists = _merge(batch, m, alpha if batch.intent is not None else 0.0)
+            lists = _merge(batch, m, alpha if batch.intent is not None else 0.0, merge)
         else:
             lists = metrics.global_from_cluster_lists(batch.ids, batch.scores, m)
         out.append(lists[:, :m])

@@ -187,6 +187,7 @@ class EvaluationResult:
     merged_recall: Optional[Dict[int, float]] = None
     intent_top1: Optional[float] = None
     intent_top3: Optional[float] = None
+    merge: str = "quota"
 
     def to_json(self) -> Dict[str, object]:
         """Flat JSON-safe dict (``recall@20``, ..., ``alpha``; an infinite alpha is ``"inf"``)."""
@@ -206,6 +207,7 @@ class EvaluationResult:
         alpha = self.alpha
         out["alpha"] = "inf" if alpha is not None and math.isinf(alpha) else alpha
         out["merged"] = self.merged
+        out["merge"] = self.merge
         out["users"] = self.users
         return out
 
@@ -224,7 +226,10 @@ class EvaluationResult:
             if values is not None:
                 lines.append(f"{name:<24}" + "".join(f"{values[m]:>10.4f}" for m in self.m_values))
         lines.append(f"intent top-1 / top-3: {_fmt(self.intent_top1)} / {_fmt(self.intent_top3)}")
-        lines.append(f"alpha: {self.alpha}   merged: {self.merged}   users: {self.users}")
+        lines.append(
+            f"alpha: {self.alpha}   merge: {self.merge}   merged: {self.merged}   "
+            f"users: {self.users}"
+        )
         return "\n".join(lines)
 
 
@@ -262,4 +267,47 @@ class AlphaSelection:
         for a, r in self.recalls.items():
             mark = " *" if a == self.alpha else ""
             lines.append(f"{a:>8g}  {r:.4f}{mark}")
+        return "\n".join(lines)
+
+
+def _alpha_key(a: float) -> str:
+    return "inf" if math.isinf(a) else f"{a:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSelection:
+    """Result of ``trainer.evaluation.select_merge``.
+
+    Attributes:
+        merge: the selected merge (``quota`` or ``score``).
+        alpha: its selected alpha.
+        m: the list size M used for selection.
+        recalls: (merge, alpha) -> validation Recall@M, in grid order.
+        users: validation users.
+    """
+
+    merge: str
+    alpha: float
+    m: int
+    recalls: Dict[Tuple[str, float], float]
+    users: int
+
+    def to_json(self) -> Dict[str, object]:
+        """Flat JSON-safe dict: ``recall@M[alpha=A]`` for the quota merge (the
+        keys of earlier reports), ``recall@M[score,alpha=A]`` for the score merge."""
+        out: Dict[str, object] = {}
+        for (merge, a), r in self.recalls.items():
+            tag = "" if merge == "quota" else f"{merge},"
+            out[f"recall@{self.m}[{tag}alpha={_alpha_key(a)}]"] = r
+        out.update(
+            {"merge": self.merge, "alpha": _alpha_key(self.alpha), "m": self.m, "users": self.users}
+        )
+        return out
+
+    def format_table(self) -> str:
+        """The grid as a printed table, the selected point marked with ``*``."""
+        lines = [f"{'merge':>6} {'alpha':>8}  recall@{self.m}"]
+        for (merge, a), r in self.recalls.items():
+            mark = " *" if (merge, a) == (self.merge, self.alpha) else ""
+            lines.append(f"{merge:>6} {a:>8g}  {r:.4f}{mark}")
         return "\n".join(lines)

@@ -180,6 +180,12 @@ class RetrievalModel(tfrs.Model):
             out = self.user_tower.encode_sequence(history, task, training=training)
             return out * tf.cast(valid, out.dtype)[..., None]
         target_cluster = tf.cast(target_cluster, tf.int32)
+        if getattr(self.user_tower, "late_prompt", False):
+            # Output prompts: one causal pass, each position gated by its target's prompt.
+            task = tf.fill(tf.shape(history)[:1], self.num_clusters)
+            out = self.user_tower.encode_sequence(history, task, training=training)
+            out = self.user_tower.gate_output(out, tf.maximum(target_cluster, 0))
+            return out * tf.cast(valid, out.dtype)[..., None]
         onehot = tf.equal(
             target_cluster[:, :, None], tf.range(self.num_clusters, dtype=tf.int32)[None, None]
         )  # [B, L, K]
@@ -266,9 +272,13 @@ class RetrievalModel(tfrs.Model):
         target = inputs[data.TARGET]
         target_cluster = inputs[data.TARGET_CLUSTER]
         mask = inputs[data.MASK]
-        user = self.sequence_user_embeddings(
-            history, target_cluster, mask, inputs.get(data.USER), training=training
-        )
+        shared = self._shared_tower_pass(history, target_cluster, mask, training)
+        if shared is None:
+            user = self.sequence_user_embeddings(
+                history, target_cluster, mask, inputs.get(data.USER), training=training
+            )
+        else:
+            user = shared[0]
         # Only the real (history, target) positions enter the loss.
         where = tf.where(tf.cast(mask, tf.bool))  # [S, 2]
 
@@ -284,6 +294,22 @@ class RetrievalModel(tfrs.Model):
             pick(inputs.get(data.NEGATIVES_LOG_Q)),
         )
         if self.intent_weight > 0:
-            intent = pick(self.sequence_intent(history, training=training))
-            loss += self.intent_weight * self.intent_loss(intent, pick(target_cluster))
+            if shared is None:
+                intent = self.sequence_intent(history, training=training)
+            else:
+                intent = self.intent_head(shared[1])
+            loss += self.intent_weight * self.intent_loss(pick(intent), pick(target_cluster))
         return loss
+
+    def _shared_tower_pass(self, history, target_cluster, mask, training):
+        """(user [B, L, d], unconditioned output [B, L, d]) from ONE causal pass, for output
+        prompts with the ``tower`` intent (the intent reads the pass the prompts gate);
+        None otherwise."""
+        late = getattr(self.user_tower, "late_prompt", False)
+        if not (late and self.intent_encoder_kind == "tower" and self.variant.merged):
+            return None
+        task = tf.fill(tf.shape(history)[:1], self.num_clusters)
+        h = self.user_tower.encode_sequence(history, task, training=training)
+        valid = tf.cast(tf.cast(mask, tf.bool), h.dtype)[..., None]
+        clusters = tf.maximum(tf.cast(target_cluster, tf.int32), 0)
+        return self.user_tower.gate_output(h, clusters) * valid, h

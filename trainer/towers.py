@@ -17,7 +17,9 @@ outputs are zeroed. Conditionings (``conditioning``):
 * ``hadamard`` (Eq. 5): the prompt multiplies the item embedding BEFORE the position
   embedding is added (the prompt gates item content, not order). Prompts are a trainable
   ``[K, d]`` table initialised to ones plus a constant ones row for NO_TASK, so NO_TASK is
-  exactly plain SASRec.
+  exactly plain SASRec. With ``prompt_position="output"`` the same prompt gates the
+  Transformer's (final-LayerNorm) output instead: one causal pass then serves every
+  cluster, which makes all-position training as cheap as plain SASRec.
 * ``concat`` (Eq. 4): a trainable prompt token ``t_k`` ([K, d], no sqrt(d) scaling, no position
   embedding) is prepended as an extra first token (the Transformer sees ``L + 1`` tokens). For
   NO_TASK the token is masked like padding, so NO_TASK is exactly plain SASRec; this keeps
@@ -36,7 +38,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import tensorflow as tf  # the trainer package imports dnc_env first
 
-from trainer.config import CONDITIONINGS, PAD_ID, ModelConfig
+from trainer.config import CONDITIONINGS, PAD_ID, PROMPT_POSITIONS, ModelConfig
 from trainer.mmoe import BlockStack, MMoE, causal_attention_mask
 
 _serializable = tf.keras.utils.register_keras_serializable(package="dnc")
@@ -153,6 +155,7 @@ class SASRecEncoder(tf.keras.layers.Layer):
         conditioning: one of ``CONDITIONINGS``.
         num_tasks: K (0 allowed only for ``none``).
         num_experts: experts of ``mmoe``.
+        prompt_position: ``input`` or ``output`` (``hadamard`` only; see the module docstring).
         item_embedding: shared ``ItemEmbedding`` (not serialised by ``get_config``;
             ``from_config`` builds its own table of ``num_items`` rows).
 
@@ -172,9 +175,15 @@ class SASRecEncoder(tf.keras.layers.Layer):
         num_tasks: int = 0,
         num_experts: int = 4,
         item_embedding: Optional[ItemEmbedding] = None,
+        prompt_position: str = "input",
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        if prompt_position not in PROMPT_POSITIONS:
+            raise ValueError(
+                f"unknown prompt_position {prompt_position!r}; expected one of {PROMPT_POSITIONS}"
+            )
+        self.prompt_position = prompt_position
         if conditioning not in CONDITIONINGS:
             raise ValueError(
                 f"unknown conditioning {conditioning!r}; expected one of {CONDITIONINGS}"
@@ -224,6 +233,15 @@ class SASRecEncoder(tf.keras.layers.Layer):
             raise ValueError(f"conditioning {self.conditioning!r} has no Hadamard prompts")
         return tf.concat([self.task_prompts, tf.ones([1, self.dim], self.task_prompts.dtype)], 0)
 
+    @property
+    def late_prompt(self) -> bool:
+        """True if the Hadamard prompt gates the output (one pass serves every task)."""
+        return self.conditioning == "hadamard" and self.prompt_position == "output"
+
+    def gate_output(self, h: tf.Tensor, task: tf.Tensor) -> tf.Tensor:
+        """``h * t_task`` for outputs ``h`` [B, ..., d] and tasks of shape ``h.shape[:-1]``."""
+        return h * tf.gather(self.prompts, tf.cast(task, tf.int32))
+
     def _inputs(
         self, history: tf.Tensor, task: Optional[tf.Tensor], training: Optional[bool]
     ) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -242,7 +260,7 @@ class SASRecEncoder(tf.keras.layers.Layer):
             raise ValueError(f"task must be [batch], got shape {task.shape}")
         valid = tf.not_equal(history, PAD_ID)
         items = self.item_embedding(history)
-        if self.conditioning == "hadamard":
+        if self.conditioning == "hadamard" and not self.late_prompt:
             items = items * tf.gather(self.prompts, task)[:, None, :]
         positions = tf.maximum(tf.cumsum(tf.cast(valid, tf.int32), axis=1) - 1, 0)
         x = items * math.sqrt(self.dim) + tf.gather(self.position_embeddings, positions)
@@ -295,7 +313,19 @@ class SASRecEncoder(tf.keras.layers.Layer):
         h = self.final_norm(h) * tf.cast(valid, h.dtype)[..., None]
         if self.conditioning == "concat" and not keep_prompt:
             h = h[:, 1:]
+        if self.late_prompt:
+            h = self._late(h, history, task)
         return h
+
+    def _late(self, h: tf.Tensor, history: tf.Tensor, task: Optional[tf.Tensor]) -> tf.Tensor:
+        """Gates ``h`` ([B, d] or [B, L, d]) by each row's task prompt (output prompts)."""
+        if task is None:
+            task = tf.fill(tf.shape(history)[:1], self.num_tasks)
+        task = tf.cast(task, tf.int32)
+        if task.shape.rank == 2 and task.shape[1] == 1:
+            task = task[:, 0]
+        prompt = tf.gather(self.prompts, task)  # [B, d]
+        return h * (prompt[:, None, :] if h.shape.rank == 3 else prompt)
 
     @_no_autograph
     def call(self, inputs: Inputs, training: Optional[bool] = None) -> tf.Tensor:
@@ -303,7 +333,8 @@ class SASRecEncoder(tf.keras.layers.Layer):
         h, valid = self._transform(history, task, training)
         # Normalise only the last position ([B, 1, d] keeps the LayerNorm's rank fixed).
         last = self.final_norm(h[:, -1:])[:, 0]
-        return last * tf.cast(valid[:, -1], last.dtype)[:, None]
+        last = last * tf.cast(valid[:, -1], last.dtype)[:, None]
+        return self._late(last, history, task) if self.late_prompt else last
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
@@ -317,6 +348,7 @@ class SASRecEncoder(tf.keras.layers.Layer):
             conditioning=self.conditioning,
             num_tasks=self.num_tasks,
             num_experts=self.num_experts,
+            prompt_position=self.prompt_position,
         )
         return config
 
@@ -398,6 +430,7 @@ def build_user_tower(
         num_tasks=num_tasks,
         num_experts=model_config.num_experts,
         item_embedding=item_embedding,
+        prompt_position=model_config.prompt_position,
         name="user_tower",
     )
 

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 MODEL_SUBDIR = "model"
 WEIGHTS = "weights"
 MODEL_JSON = "model.json"
+# The merge behind the per-epoch validation recall (early stopping, model selection)
+# of merged variants: the serving default (alpha 1, no per-epoch selection).
+MONITOR_MERGE = "score"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,7 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         item_cluster: cluster of each model item id.
         m_values: list sizes.
         merged: evaluate through the per-cluster merge.
+        merge: which merge (``quota`` or ``score``, alpha 1: no selection per epoch).
         samples_per_step: targets predicted per step (for throughput): the batch size, or
             for all-position training the batch size times the mean targets per window.
     """
@@ -104,8 +108,10 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         m_values: Tuple[int, ...],
         merged: bool,
         samples_per_step: float,
+        merge: str = "quota",
     ):
         super().__init__()
+        self.merge = merge
         self.eval_data = eval_data
         self.item_cluster = item_cluster
         self.m_values = m_values
@@ -138,6 +144,7 @@ class ValidationRecall(tf.keras.callbacks.Callback):
             merged=self.merged,
             progress=False,
             users=self.eval_data.users,
+            merge=self.merge,
         )
         for m in self.m_values:
             logs[f"val_recall@{m}"] = result.recall[m]
@@ -223,6 +230,7 @@ def _callbacks(
             config.eval_m,
             get_variant(config.variant).merged,
             config.batch_size if samples_per_step is None else samples_per_step,
+            merge=MONITOR_MERGE,
         ),
         tf.keras.callbacks.BackupAndRestore(os.path.join(config.output, "backup")),
         tf.keras.callbacks.EarlyStopping(
@@ -308,10 +316,25 @@ def save_model(model: RetrievalModel, config: TrainConfig, history: List[Dict[st
 
 
 def config_from_json(raw: Dict[str, Any]) -> TrainConfig:
-    """Rebuilds a TrainConfig from ``dataclasses.asdict`` output."""
-    raw = dict(raw)
-    raw["model"] = ModelConfig(**raw["model"])
-    raw["eval_m"] = tuple(raw["eval_m"])
+    """Rebuilds a TrainConfig from ``dataclasses.asdict`` output (``model.json``).
+
+    Also loads the files of older versions: a field they lack takes its dataclass
+    default (what training used before the field existed, not a regime of
+    ``trainer.config.make_train_config``); a field no longer known is ignored, with a
+    warning.
+    """
+
+    def known(cls: type, values: Dict[str, Any], where: str) -> Dict[str, Any]:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            log.warning("model.json: ignoring unknown %s fields %s", where, unknown)
+        return {k: v for k, v in values.items() if k in names}
+
+    raw = known(TrainConfig, dict(raw), "config")
+    raw["model"] = ModelConfig(**known(ModelConfig, dict(raw.get("model") or {}), "model"))
+    if "eval_m" in raw:
+        raw["eval_m"] = tuple(raw["eval_m"])
     return TrainConfig(**raw)
 
 

@@ -1,15 +1,16 @@
-"""Model components: Trainer (one per variant), Evaluator (blessing) and Pusher."""
+"""Model components: Trainer (one per variant), Evaluator (choice, blessing) and Pusher."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 from pipeline.components.base import Component, Output
-from pipeline.config import EvaluatorSection, ServingSection, TrainerSection
+from pipeline.config import EvaluatorSection, ServingSection, TrainerSection, to_dict
 from pipeline.metadata import ArtifactRef, Metadata
 
 log = logging.getLogger(__name__)
@@ -34,26 +35,16 @@ class Trainer(Component):
     outputs: ClassVar[Dict[str, str]] = {"model": "Model"}
 
     def train_config(self, data_dir: str, output: str) -> Any:
-        """The ``TrainConfig`` of this trainer."""
-        from trainer.config import TrainConfig
+        """The ``TrainConfig`` of this trainer (the variant's regime + the set knobs)."""
+        return self.section.train_config(self.variant, data_dir, output)
 
-        s = self.section
-        return TrainConfig(
-            data=data_dir,
-            output=output,
-            variant=self.variant,
-            model=s.model,
-            loss=s.loss,
-            num_negatives=s.num_negatives,
-            epochs=s.epochs,
-            batch_size=s.batch_size,
-            learning_rate=s.learning_rate,
-            steps_per_epoch=s.steps_per_epoch,
-            eval_m=s.eval_m,
-            eval_users=s.eval_users,
-            patience=s.patience,
-            seed=s.seed,
-        )
+    def cache_config(self) -> Dict[str, Any]:
+        # The effective config, not the section: an unset knob takes the regime that
+        # trainer.config defines, so a change of the regime retrains, and a change of
+        # trainer.variants does not retrain the other variants.
+        config = to_dict(self.train_config("", ""))
+        del config["data"], config["output"]
+        return {"variant": self.variant, "train_config": config}
 
     def run(self, inputs: Mapping[str, ArtifactRef], output_dirs: Mapping[str, str]) -> Dict:
         from trainer.train import train
@@ -61,7 +52,7 @@ class Trainer(Component):
         config = self.train_config(inputs["transformed_examples"].uri, output_dirs["model"])
         result = train(config, verbose=0)
         last = result.history[-1] if result.history else {}
-        key = f"val_recall@{self.section.eval_m[0]}"
+        key = f"val_recall@{config.eval_m[0]}"
         return {
             "model": Output(
                 {"variant": self.variant, "epochs": len(result.history), key: last.get(key, 0.0)}
@@ -74,21 +65,26 @@ class Trainer(Component):
 
 @dataclasses.dataclass(frozen=True)
 class Evaluator(Component):
-    """Evaluates every trained variant on validation and blesses the served one.
+    """Evaluates every trained variant on validation and blesses the one to serve.
 
-    The candidate (``serving.variant``) is compared with the currently pushed model
-    (resolved from MLMD) on the same validation data; it is blessed if Recall@M drops
-    by at most ``tolerance``; with nothing pushed yet, if it beats popularity.
+    The one to serve is ``serving.variant``, or with ``best`` the servable variant with
+    the best validation Recall@M (``pipeline.evaluator.choose_variant``; the report and
+    the log say when a named variant is not the best). It is compared with the
+    currently pushed model (resolved from MLMD), both scored the same way
+    (``pipeline.evaluator.compare_with_pushed``); it is blessed if Recall@M drops by at
+    most ``tolerance``; with nothing pushed yet, if it beats popularity.
 
     Attributes:
-        candidate: the variant to bless.
+        candidate: the variant to bless, or ``best``.
         variants: every trained variant (input keys ``model_<variant>``).
-        section: M, tolerance, alpha.
+        section: M, tolerance, alpha, merge.
+        index: the Pusher's index kind (a candidate exported for a comparison uses it).
     """
 
     candidate: str
     variants: Tuple[str, ...]
     section: EvaluatorSection
+    index: str = "scann"
 
     inputs: ClassVar[Dict[str, str]] = {"transformed_examples": "TransformedExamples"}
     outputs: ClassVar[Dict[str, str]] = {
@@ -97,12 +93,14 @@ class Evaluator(Component):
     }
 
     def resolve(self, metadata: Metadata, inputs: Mapping[str, ArtifactRef]) -> Dict[str, Any]:
-        candidate = inputs[f"model_{self.candidate}"]
+        # This run's models are skipped, whichever gets chosen: one pushed by an earlier
+        # run is not a baseline (and an unchanged rerun keeps its inputs: a cache hit).
+        ours = {inputs[f"model_{v}"].fingerprint for v in self.variants}
         for pushed in reversed(metadata.artifacts_by_type("PushedModel")):
             if not pushed.properties.get("pushed") or not os.path.isdir(pushed.uri):
                 continue
-            if pushed.properties.get("model_fingerprint") == candidate.fingerprint:
-                continue  # the candidate itself, pushed by an earlier run
+            if pushed.properties.get("model_fingerprint") in ours:
+                continue
             return {"baseline_model": pushed}
         return {}
 
@@ -112,11 +110,12 @@ class Evaluator(Component):
         report = evaluate_and_bless(
             data_dir=inputs["transformed_examples"].uri,
             models={v: inputs[f"model_{v}"].uri for v in self.variants},
-            candidate=self.candidate,
+            requested=self.candidate,
             baseline_version_dir=(
                 inputs["baseline_model"].uri if "baseline_model" in inputs else None
             ),
             section=self.section,
+            export_options=export_options(self.index, self.section),
         )
         for key in ("evaluation", "blessing"):
             os.makedirs(output_dirs[key], exist_ok=True)
@@ -126,39 +125,55 @@ class Evaluator(Component):
         marker = BLESSED_FILE if blessed else NOT_BLESSED_FILE
         with open(os.path.join(output_dirs["blessing"], marker), "w") as f:
             f.write(report["blessing"]["reason"] + "\n")
+        chosen = report["candidate"]
         m = self.section.m
         return {
             "evaluation": Output(
-                {f"recall@{m}": report["variants"][self.candidate][f"recall@{m}"]}
+                {"variant": chosen, f"recall@{m}": report["variants"][chosen][f"recall@{m}"]}
             ),
             "blessing": Output(
                 {
                     "blessed": int(blessed),
                     "reason": report["blessing"]["reason"],
-                    "model_fingerprint": inputs[f"model_{self.candidate}"].fingerprint,
+                    "variant": chosen,
+                    "model_fingerprint": inputs[f"model_{chosen}"].fingerprint,
                 }
             ),
         }
 
 
+def export_options(index: str, section: EvaluatorSection) -> Dict[str, Any]:
+    """``serving.export.export_model`` options of a push (and of the Evaluator's
+    comparison export): the index kind, and ``evaluator.alpha``/``merge`` (None:
+    selected on validation)."""
+    return {"index": index, "alpha": section.alpha, "merge": section.merge}
+
+
 @dataclasses.dataclass(frozen=True)
 class Pusher(Component):
-    """Exports a blessed model as a new integer version under the serving path.
+    """Exports the blessed model as a new integer version under the serving path.
+
+    The model is the variant the Evaluator chose (the blessing's ``variant``), one of
+    the ``model_<variant>`` inputs (``PipelineConfig.push_candidates``).
 
     Idempotent: when the latest version was already exported from this model
-    and data with this index kind (a run killed after the export but before
+    and data with these export options (a run killed after the export but before
     ML Metadata recorded the push), it is reused instead of pushed again.
 
     Attributes:
         section: serving settings.
         serving_dir: ``BASE_PATH/MODEL_NAME``.
+        alpha: ``evaluator.alpha`` (None: selected on validation by the export).
+        merge: ``evaluator.merge`` (None: selected on validation by the export).
     """
 
     section: ServingSection
     serving_dir: str
+    alpha: Optional[float] = None
+    merge: Optional[str] = None
 
     inputs: ClassVar[Dict[str, str]] = {
-        "model": "Model",
+        "model_<variant>": "Model",
         "blessing": "ModelBlessing",
         "transformed_examples": "TransformedExamples",
     }
@@ -169,7 +184,7 @@ class Pusher(Component):
 
     def pushed_version(self, model_dir: str, data_dir: str) -> Optional[str]:
         """The latest version directory if it was exported from ``model_dir`` and
-        ``data_dir`` with this index kind, else None."""
+        ``data_dir`` with this index kind (and the explicit alpha and merge), else None."""
         from serving.model_config import METADATA_DIR, METADATA_FILE, parse_version_dir
 
         if not os.path.isdir(self.serving_dir):
@@ -188,10 +203,34 @@ class Pusher(Component):
             and metadata.get("data_dir") == os.path.abspath(data_dir)
             and metadata.get("index", {}).get("kind") == self.section.index
         )
+        if metadata.get("merged"):  # plain variants ignore alpha and merge
+            if self.merge is not None:
+                same = same and metadata.get("merge") == self.merge
+            if self.alpha is not None:
+                alpha = "inf" if math.isinf(self.alpha) else float(self.alpha)
+                same = same and metadata.get("alpha") == alpha
         return latest if same else None
 
+    @staticmethod
+    def chosen_model(inputs: Mapping[str, ArtifactRef]) -> Tuple[str, ArtifactRef]:
+        """The blessing's variant and its ``model_<variant>`` input."""
+        blessing = inputs["blessing"]
+        models = {k[len("model_") :]: a for k, a in inputs.items() if k.startswith("model_")}
+        variant = blessing.properties.get("variant")
+        if variant is None and len(models) == 1:  # a blessing recorded before "variant"
+            variant = next(iter(models))
+        if variant not in models:
+            raise ValueError(
+                f"Pusher: the blessing is for variant {variant!r}, not one of {sorted(models)}"
+            )
+        model = models[variant]
+        expected = blessing.properties.get("model_fingerprint")
+        if expected is not None and expected != model.fingerprint:
+            raise ValueError(f"Pusher: the blessing of {variant!r} is for another model")
+        return variant, model
+
     def run(self, inputs: Mapping[str, ArtifactRef], output_dirs: Mapping[str, str]) -> Dict:
-        model = inputs["model"]
+        variant, model = self.chosen_model(inputs)
         if not inputs["blessing"].properties.get("blessed"):
             log.warning("Pusher: model %s is not blessed; nothing pushed", model.uri)
             os.makedirs(output_dirs["pushed_model"], exist_ok=True)
@@ -204,7 +243,12 @@ class Pusher(Component):
             from serving.export import export_model
 
             version_dir = export_model(
-                model.uri, data_dir, output=self.serving_dir, index=self.section.index
+                model.uri,
+                data_dir,
+                output=self.serving_dir,
+                index=self.section.index,
+                alpha=self.alpha,
+                merge=self.merge,
             )
             log.info("Pusher: pushed %s", version_dir)
         return {
@@ -212,6 +256,7 @@ class Pusher(Component):
                 {
                     "pushed": 1,
                     "version": int(os.path.basename(version_dir)),
+                    "variant": variant,
                     "model_fingerprint": model.fingerprint,
                 },
                 uri=version_dir,

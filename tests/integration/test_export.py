@@ -49,11 +49,13 @@ def exported(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     model_dir = _train(tiny_data, root / "model", "dnc")
     output = str(root / "serving" / "dnc")
-    brute = export_model(model_dir, tiny_data, output, **BRUTE)
+    brute = export_model(model_dir, tiny_data, output, merge="quota", **BRUTE)
     with open(os.path.join(brute, METADATA_DIR, METADATA_FILE)) as f:
         alpha = json.load(f)["alpha"]
     alpha = float(alpha)
-    scann = export_model(model_dir, tiny_data, output, alpha=alpha, scann_min_size=16, **SCANN)
+    scann = export_model(
+        model_dir, tiny_data, output, alpha=alpha, merge="quota", scann_min_size=16, **SCANN
+    )
     return {
         "model_dir": model_dir,
         "output": output,
@@ -95,7 +97,7 @@ def _to_model_ids(items, raw_ids):
     return np.vectorize(lambda x: index.get(x, 0), otypes=[np.int64])(raw_ids)
 
 
-def _reference(tiny_data, exported, requests, m, max_history):
+def _reference(tiny_data, exported, requests, m, max_history, merge="quota", alpha=None):
     model, _ = load_model(exported["model_dir"], tiny_data)
     ev = requests["ev"]
     return evaluation.retrieve(
@@ -104,8 +106,9 @@ def _reference(tiny_data, exported, requests, m, max_history):
         [h[-max_history:] for h in ev.exclude],
         requests["items"].item_cluster,
         m=m,
-        alpha=exported["alpha"],
+        alpha=exported["alpha"] if alpha is None else alpha,
         progress=False,
+        merge=merge,
     )
 
 
@@ -130,6 +133,30 @@ def test_brute_force_export_matches_the_exact_evaluation_path(tiny_data, exporte
     item_cluster = requests["items"].item_cluster
     np.testing.assert_array_equal(out["clusters"], item_cluster[served])
     assert np.all(np.diff(out["scores"], axis=1) <= 0)  # best first
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+def test_score_merge_export_matches_the_exact_evaluation_path(
+    tiny_data, exported, requests, tmp_path, alpha
+):
+    """The SavedModel's score merge (exact log-partitions in the graph) = evaluation's."""
+    path = export_model(
+        exported["model_dir"], tiny_data, str(tmp_path / "dnc"), merge="score", alpha=alpha,
+        **BRUTE,
+    )  # fmt: skip
+    with open(os.path.join(path, METADATA_DIR, METADATA_FILE)) as f:
+        assert json.load(f)["merge"] == "score"
+    m = BRUTE["max_num_results"]
+    out = _serve(load_exported(path), requests["raw"], alpha, m)
+    _check_lists(out, requests["raw"], m)
+    served = _to_model_ids(requests["items"], out["item_ids"])
+    reference = _reference(
+        tiny_data, exported, requests, m, BRUTE["max_history"], merge="score", alpha=alpha
+    )
+    np.testing.assert_array_equal(served, reference)  # same items, same order
+    assert np.all(np.diff(out["scores"], axis=1) <= 0)
+    if alpha == 1.0:  # log-probabilities of a distribution over the unseen catalogue
+        assert np.all(np.exp(out["scores"].astype(np.float64)).sum(-1) <= 1.0 + 1e-5)
 
 
 def test_scann_export_recalls_the_exact_lists(tiny_data, exported, requests):

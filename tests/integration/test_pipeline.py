@@ -174,7 +174,8 @@ def test_kfp_compile_has_one_step_per_component_in_order(runs, tmp_path):
     assert deps["examplegen"] == set()
     assert deps["transform"] == {"examplegen", "examplevalidator"}
     assert deps["evaluator"] == {"transform", "trainer-dnc", "trainer-sasrec"}
-    assert deps["pusher"] == {"evaluator", "trainer-dnc", "transform"}
+    # serving.variant "best": the Pusher takes every servable model, the blessing says which.
+    assert deps["pusher"] == {"evaluator", "trainer-dnc", "trainer-sasrec", "transform"}
     # Every dependency precedes its dependant in the pipeline order.
     for name, before in deps.items():
         assert all(expected.index(b) < expected.index(name) for b in before)

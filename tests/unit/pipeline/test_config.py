@@ -4,7 +4,14 @@ import dataclasses
 
 import pytest
 
-from pipeline.config import PipelineConfig, describe, from_dict, load_config, to_dict
+from pipeline.config import (
+    PipelineConfig,
+    demo_config,
+    describe,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from pipeline.dag import create_pipeline
 
 
@@ -13,13 +20,31 @@ def test_every_field_has_a_default_and_a_description():
     assert len(described) > 40
     missing = [key for key, (_, text) in described.items() if not text]
     assert missing == []
-    assert described["trainer.model.max_len"][0] == 50
+    assert described["trainer.model.max_len"][0] is None  # unset: the variant's regime
+    assert "regime" in described["trainer.model.max_len"][1]
+    assert describe(demo_config())["trainer.model.max_len"][0] == 50
     assert described["example_gen.synthetic.num_users"][0] == 1000
 
 
 def test_defaults_are_the_demo():
     config = load_config(None)
+    assert config == demo_config()
     assert config.trainer.variants == ("dnc", "sasrec")
+    assert config.serving.variant == "best"
+    # The demo's small, fast model is set explicitly; the rest is each variant's regime.
+    dnc = config.trainer.train_config("dnc", "d", "o")
+    assert (dnc.epochs, dnc.eval_users) == (2, 500)
+    assert (dnc.model.embedding_dim, dnc.model.max_len, dnc.model.num_blocks) == (32, 50, 1)
+    from trainer.config import make_train_config
+
+    regime = make_train_config("d", "o", "dnc")
+    assert (dnc.loss, dnc.training, dnc.num_negatives) == (
+        regime.loss,
+        regime.training,
+        regime.num_negatives,
+    )
+    # A config file's unset knobs are the regime's, not the demo's.
+    assert PipelineConfig().trainer.train_config("dnc", "d", "o") == regime
     assert config.transform.clustering.num_clusters == 8
     assert config.serving_dir.endswith("serving/dnc")
     assert config.beam.args()[0] == "--runner=DirectRunner"
@@ -37,7 +62,8 @@ def test_yaml_and_toml_give_the_same_config(tmp_path):
     a, b = load_config(str(tmp_path / "c.yaml")), load_config(str(tmp_path / "c.toml"))
     assert a == b
     assert a.trainer.eval_m == (5, 10) and a.trainer.model.max_len == 20
-    assert a.trainer.model.embedding_dim == 32  # the section's default, not ModelConfig's
+    assert a.trainer.model.embedding_dim is None  # unset: the variant's regime
+    assert a.trainer.train_config("dnc", "d", "o").model.embedding_dim == 50
     assert a.beam.args() == ("--runner=DirectRunner", "--direct_num_workers=2")
 
 
@@ -63,6 +89,13 @@ def test_unknown_keys_are_errors_naming_the_key(raw, key):
         ({"validation": {"on_anomalies": "ignore"}}, "on_anomalies"),
         ({"example_gen": {"source": "csv"}}, "example_gen.input"),
         ({"trainer": {"model": {"dropout": 2.0}}}, "dropout"),
+        ({"trainer": {"loss": "hinge"}}, "trainer.loss: 'hinge'"),
+        ({"trainer": {"preset": "fast"}}, "fast"),
+        ({"trainer": {"epochs": "none"}}, "trainer.epochs"),
+        ({"trainer": {"model": {"num_heads": 3}}}, "divisible"),
+        ({"serving": {"variant": "nope"}}, "serving.variant 'nope'"),
+        ({"trainer": {"variants": ["mf"]}}, "can be served"),
+        ({"evaluator": {"merge": "max"}}, "evaluator.merge"),
     ],
 )
 def test_invalid_values_are_errors(raw, text):

@@ -1,5 +1,7 @@
 """All-position training: windows, per-position outputs == per-prefix outputs, full softmax."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf  # conftest imports dnc_env first
@@ -35,10 +37,10 @@ def test_windows_cover_every_target_once_with_its_causal_history(n):
             np.testing.assert_array_equal(seen, prefixes[t - 1][prefixes[t - 1] != 0])
 
 
-def _model(variant, loss="bce", intent_encoder="pooled"):
+def _model(variant, loss="bce", intent_encoder="pooled", config=SMALL):
     return RetrievalModel(
         VARIANTS[variant],
-        SMALL,
+        config,
         num_items=N,
         num_clusters=K,
         num_users=5,
@@ -64,19 +66,24 @@ def _prefix(history_row, j):
     return out
 
 
+OUTPUT_PROMPT = dataclasses.replace(SMALL, prompt_position="output")
+
+
 @pytest.mark.parametrize(
-    "variant,intent_encoder",
+    "variant,intent_encoder,config",
     [
-        ("sasrec", "pooled"),
-        ("dnc-naive", "pooled"),
-        ("dnc", "pooled"),
-        ("dnc", "pooled-clusters"),
-        ("dnc-concat", "tower"),
-        ("dnc-mmoe", "pooled"),
+        ("sasrec", "pooled", SMALL),
+        ("dnc-naive", "pooled", SMALL),
+        ("dnc", "pooled", SMALL),
+        ("dnc", "pooled-clusters", SMALL),
+        ("dnc", "pooled-clusters", OUTPUT_PROMPT),
+        ("dnc", "tower", OUTPUT_PROMPT),
+        ("dnc-concat", "tower", SMALL),
+        ("dnc-mmoe", "pooled", SMALL),
     ],
 )
-def test_all_position_outputs_equal_per_prefix_outputs(variant, intent_encoder):
-    model = _model(variant, intent_encoder=intent_encoder)
+def test_all_position_outputs_equal_per_prefix_outputs(variant, intent_encoder, config):
+    model = _model(variant, intent_encoder=intent_encoder, config=config)
     if VARIANTS[variant].conditioning == "hadamard":  # prompts start as ones: make them differ
         prompts = model.user_tower.task_prompts
         prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
@@ -98,9 +105,12 @@ def test_all_position_outputs_equal_per_prefix_outputs(variant, intent_encoder):
         assert not np.allclose(other[rows, cols], got[rows, cols])
 
 
-@pytest.mark.parametrize("variant", ["sasrec", "dnc", "dnc-concat"])
-def test_trimming_shared_left_padding_changes_no_output_nor_the_loss(variant):
-    model = _model(variant, loss="softmax")
+@pytest.mark.parametrize(
+    "variant,config",
+    [("sasrec", SMALL), ("dnc", SMALL), ("dnc", OUTPUT_PROMPT), ("dnc-concat", SMALL)],
+)
+def test_trimming_shared_left_padding_changes_no_output_nor_the_loss(variant, config):
+    model = _model(variant, loss="softmax", config=config)
     if VARIANTS[variant].conditioning == "hadamard":
         prompts = model.user_tower.task_prompts
         prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
@@ -217,3 +227,41 @@ def test_pooled_clusters_intent_reads_the_history_clusters():
     assert not np.allclose(model.intent(history).numpy(), before)
     with pytest.raises(ValueError, match="needs item_cluster"):
         RetrievalModel(VARIANTS["dnc"], SMALL, N, K, 5, intent_encoder="pooled-clusters")
+
+
+def test_output_prompt_gates_the_unconditioned_output():
+    """prompt_position=output: e_uk = SASRec(history) * t_k, NO_TASK = plain SASRec."""
+    model = _model("dnc", config=OUTPUT_PROMPT)
+    prompts = model.user_tower.task_prompts
+    prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
+    history, _, _ = _random_batch()
+    plain = model.user_embedding(history, np.full(len(history), K)).numpy()
+    for k in range(K):
+        got = model.user_embedding(history, np.full(len(history), k)).numpy()
+        np.testing.assert_allclose(got, plain * prompts.numpy()[k], rtol=1e-5, atol=1e-6)
+
+
+def test_output_prompt_tower_intent_loss_equals_two_separate_passes():
+    """The shared pass (output prompts + tower intent) gives the loss of separate passes."""
+    model = _model("dnc", loss="softmax", intent_encoder="tower", config=OUTPUT_PROMPT)
+    prompts = model.user_tower.task_prompts
+    prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
+    history, target_cluster, mask = _random_batch()
+    target = np.where(mask > 0, RNG.integers(1, N + 1, size=history.shape), 0).astype(np.int32)
+    target_cluster = np.where(mask > 0, ITEM_CLUSTER[np.maximum(target, 0)], 0).astype(np.int32)
+    batch = {
+        data.HISTORY: history,
+        data.TARGET: target,
+        data.TARGET_CLUSTER: target_cluster,
+        data.MASK: mask,
+        data.USER: np.zeros(len(history), np.int32),
+    }
+    got = model.compute_loss(batch).numpy()
+    user = model.sequence_user_embeddings(history, target_cluster, mask)
+    intent = model.sequence_intent(history)
+    where = np.argwhere(mask > 0)
+    pick = lambda x: tf.gather_nd(x, where)  # noqa: E731
+    want = model._retrieval_loss(
+        pick(user), pick(target), pick(target_cluster), None, None, None
+    ) + model.intent_weight * model.intent_loss(pick(intent), pick(target_cluster))
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5)

@@ -1,0 +1,135 @@
+"""The score merge: NumPy reference, TensorFlow version, and the distribution it claims."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import evaluation, score_merge
+from trainer.config import PAD_ID
+from trainer.evaluation import MeanPoolScorer
+
+
+def _lists(rng, b=6, k=4, length=7, empty_tail=True):
+    scores = np.sort(rng.normal(size=(b, k, length)).astype(np.float32), axis=-1)[..., ::-1]
+    ids = rng.permutation(np.arange(1, b * k * length + 1)).reshape(b, k, length)
+    if empty_tail:  # some clusters run out of candidates
+        scores[0, 1, 3:] = -np.inf
+        ids[0, 1, 3:] = PAD_ID
+        scores[2, 3, :] = -np.inf
+        ids[2, 3, :] = PAD_ID
+    log_z = rng.normal(size=(b, k)) + 3.0
+    p = rng.dirichlet(np.ones(k), size=b)
+    return np.ascontiguousarray(scores), ids, log_z, p
+
+
+def test_joint_scores_follow_the_formula():
+    rng = np.random.default_rng(0)
+    scores, _, log_z, p = _lists(rng, empty_tail=False)
+    for alpha in (0.0, 0.5, 1.0, 3.0):
+        got = score_merge.joint_scores(scores, log_z, p, alpha)
+        want = scores - log_z[..., None] + alpha * np.log(p)[..., None]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_score_merge_is_the_top_m_of_the_union_by_joint_score():
+    rng = np.random.default_rng(1)
+    scores, ids, log_z, p = _lists(rng)
+    m = 9
+    out_ids, out_scores, out_clusters = score_merge.score_merge(scores, ids, log_z, p, 1.0, m)
+    joint = score_merge.joint_scores(scores, log_z, p, 1.0)
+    for row in range(scores.shape[0]):
+        flat = joint[row].ravel()
+        best = np.argsort(-flat, kind="stable")[:m]
+        np.testing.assert_array_equal(out_ids[row], ids[row].ravel()[best])
+        np.testing.assert_allclose(out_scores[row], flat[best], rtol=1e-6)
+        np.testing.assert_array_equal(out_clusters[row], best // scores.shape[2])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.5, math.inf])
+@pytest.mark.parametrize("m", [0, 5, 28])
+def test_tensorflow_score_merge_equals_numpy(alpha, m):
+    rng = np.random.default_rng(2)
+    scores, ids, log_z, p = _lists(rng)
+    want = score_merge.score_merge(scores, ids, log_z, p, alpha, m)
+    got = score_merge.score_merge_tf(
+        tf.constant(scores), tf.constant(ids), tf.constant(log_z), tf.constant(p), alpha, m
+    )
+    np.testing.assert_array_equal(got[0].numpy(), want[0])
+    np.testing.assert_allclose(got[1].numpy(), want[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[2].numpy(), want[2])
+
+
+def test_log_partition_matches_numpy_and_skips_excluded_items():
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(4, 9)).astype(np.float32) * 5
+    excluded = rng.random((4, 9)) < 0.3
+    excluded[3] = True  # nothing left: -inf
+    want = [
+        np.log(np.exp(row[~ex].astype(np.float64)).sum()) if (~ex).any() else -np.inf
+        for row, ex in zip(s, excluded, strict=True)
+    ]
+    np.testing.assert_allclose(score_merge.log_partition(s, excluded), want, rtol=1e-9)
+    got = score_merge.log_partition_tf(tf.constant(s), tf.constant(excluded)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_joint_score_is_a_distribution_over_the_unseen_catalogue():
+    """alpha = 1: exp(joint) over every unseen item of every cluster sums to 1."""
+    num_items, k = 30, 3
+    scorer = MeanPoolScorer.random(num_items=num_items, num_tasks=k, dim=4, seed=5)
+    rng = np.random.default_rng(5)
+    item_cluster = np.concatenate([[-1], rng.integers(0, k, num_items)])
+    histories = np.zeros((8, 5), np.int64)
+    for row in histories:
+        n = rng.integers(1, 6)
+        row[-n:] = rng.choice(np.arange(1, num_items + 1), n, replace=False)
+    data = evaluation._prepare(scorer, histories, None, None, item_cluster)
+    (batch,) = evaluation._batches(scorer, data, num_items, True, 64, False, 2**30)
+    ids, joint, _ = score_merge.score_merge(
+        batch.scores, batch.ids, batch.log_z, batch.intent, 1.0, num_items
+    )
+    for row, history in enumerate(histories):
+        unseen = set(range(1, num_items + 1)) - set(history.tolist())
+        returned = ids[row][ids[row] != PAD_ID]
+        assert set(returned.tolist()) == unseen
+        total = np.exp(joint[row][ids[row] != PAD_ID].astype(np.float64)).sum()
+        assert total == pytest.approx(1.0, abs=1e-5)
+
+
+def test_evaluation_score_merge_beats_nothing_and_reports_the_merge():
+    """evaluate(merge="score") runs the score merge: its lists equal score_merge's."""
+    num_items, k = 40, 4
+    scorer = MeanPoolScorer.random(num_items=num_items, num_tasks=k, dim=6, seed=7)
+    rng = np.random.default_rng(7)
+    item_cluster = np.concatenate([[-1], rng.integers(0, k, num_items)])
+    histories = rng.integers(1, num_items + 1, size=(20, 6))
+    lists = evaluation.retrieve(scorer, histories, None, item_cluster, m=10, merge="score")
+    data = evaluation._prepare(scorer, histories, None, None, item_cluster)
+    (batch,) = evaluation._batches(scorer, data, 10, True, 64, False, 2**30)
+    want, _, _ = score_merge.score_merge(
+        batch.scores, batch.ids, batch.log_z, batch.intent, evaluation.DEFAULT_ALPHA, 10
+    )
+    np.testing.assert_array_equal(lists, want)
+    result = evaluation.evaluate(
+        scorer, histories, lists[:, 0], None, item_cluster, m_values=(10,), merge="score"
+    )
+    assert result.merge == "score" and result.recall[10] == 1.0
+
+
+def test_merge_selection_covers_both_merges():
+    num_items, k = 40, 4
+    scorer = MeanPoolScorer.random(num_items=num_items, num_tasks=k, dim=6, seed=8)
+    rng = np.random.default_rng(8)
+    item_cluster = np.concatenate([[-1], rng.integers(0, k, num_items)])
+    histories = rng.integers(1, num_items + 1, size=(30, 6))
+    targets = rng.integers(1, num_items + 1, size=30)
+    sel = evaluation.select_merge(scorer, histories, targets, None, item_cluster, m=10)
+    assert {g for g, _ in sel.recalls} == {"quota", "score"}
+    assert sel.recalls[(sel.merge, sel.alpha)] == max(sel.recalls.values())
+    keys = sel.to_json()
+    assert "recall@10[alpha=1]" in keys and "recall@10[score,alpha=1]" in keys
+    assert evaluation.selection_grids("score", 2.0) == {"score": (2.0,)}
+    with pytest.raises(ValueError, match="unknown merge"):
+        evaluation.selection_grids("best")
