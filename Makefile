@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/pipeline
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-serving bench-load lock clean
+.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-defaults bench-serving bench-load lock clean
 
 venv: $(STAMP)
 
@@ -60,6 +60,24 @@ bench-tune: venv
 	$(BIN)/dnc preprocess --source synthetic --output runs/bench-synthetic
 	$(BIN)/python bench/tune.py --data runs/bench-synthetic --grid bench/grids/synthetic-long.json \
 		--m 50,100 --epochs 30 --out bench/results/tune-synthetic-30ep
+
+# Issue 11: sasrec, sasrec-mixed and dnc, each in its default regime, on the real data sets in
+# ../shared/data (about 15 minutes a run on Beauty/Toys, 5 on LastFM, 2 cores), and the
+# default regimes' throughput on the ML-1M-sized synthetic set.
+SHARED_DATA ?= ../shared/data
+bench-compare: venv
+	for ds in lastfm:LastFM amazon-beauty:Beauty amazon-toys:Toys_and_Games; do \
+		name=$${ds%%:*}; file=$${ds##*:}; \
+		$(BIN)/dnc preprocess --source sequences --input $(SHARED_DATA)/$$name/$$file.txt \
+			--output runs/$$name && \
+		$(BIN)/python bench/compare.py --data runs/$$name --epochs 20 \
+			--out bench/results/compare-$$name || exit 1; \
+	done
+
+bench-defaults: venv
+	$(BIN)/dnc preprocess --source synthetic --synthetic-users 6040 --synthetic-items 3706 \
+		--synthetic-mean-length 165 --output runs/synthetic-ml1m
+	$(BIN)/python bench/defaults.py --data runs/synthetic-ml1m --out bench/results/defaults-ml1m
 
 bench-serving: venv
 	$(BIN)/python bench/serving.py

@@ -41,9 +41,9 @@ DEFAULT_GRID: Dict[str, List[Dict[str, Any]]] = {
 
 
 def setting_name(variant: str, setting: Dict[str, Any]) -> str:
-    """A short, unique label of one setting ("default" for the variant's regime)."""
+    """A short, unique label of one setting (the bare variant name for its default regime)."""
     flat = {**{k: v for k, v in setting.items() if k != "model"}, **setting.get("model", {})}
-    return ",".join([variant] + [f"{k}={v}" for k, v in sorted(flat.items())] or ["default"])
+    return ",".join([variant] + [f"{k}={v}" for k, v in sorted(flat.items())])
 
 
 def run_setting(args: argparse.Namespace, variant: str, setting: Dict[str, Any]) -> Dict:
@@ -107,7 +107,8 @@ def markdown(report: Dict[str, Any]) -> str:
     for run in runs:
         r = run["result"]
         bold = "**" if run["selected"] else ""
-        cells = [f"{bold}{run['variant']}{bold}", run["name"], _fmt(run["validation"])]
+        label = run["name"].split(",", 1)[1] if run["setting"] else "default regime"
+        cells = [f"{bold}{run['variant']}{bold}", label, _fmt(run["validation"])]
         cells += [_fmt(r[f"recall@{m}"]) for m in ms]
         cells += [_fmt(r[f"within_cluster_recall@{m}"]) for m in ms]
         cells += [_fmt(r.get("intent_top1"), 3), r.get("merge", "-"), str(r["alpha"])]

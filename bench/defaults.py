@@ -43,18 +43,28 @@ def _targets(batch: Dict[str, Any], training: str) -> int:
     return int(batch[data.MASK].numpy().sum())
 
 
+def _named_configs(args: argparse.Namespace, variants: List[str]) -> Dict[str, Any]:
+    """name -> TrainConfig: each variant's default regime, plus ``--extra`` settings."""
+    from trainer.config import make_train_config
+
+    configs = {v: make_train_config(args.data, "", v) for v in variants}
+    for name, spec in json.loads(args.extra or "{}").items():
+        spec = dict(spec)
+        variant, model = spec.pop("variant"), spec.pop("model", None)
+        configs[name] = make_train_config(args.data, "", variant, model_overrides=model, **spec)
+    return configs
+
+
 def throughput(args: argparse.Namespace, variants: List[str]) -> Dict[str, Any]:
-    """Median end-to-end targets/s of each default regime, interleaved rounds."""
+    """Median end-to-end targets/s of each default regime (and extra setting), interleaved."""
     import tensorflow as tf
 
     from trainer import data
-    from trainer.config import make_train_config
     from trainer.train import build_model, make_dataset
 
     items = data.load_items(args.data)
     runs = {}
-    for variant in variants:
-        config = make_train_config(args.data, "", variant)
+    for variant, config in _named_configs(args, variants).items():
         tf.keras.utils.set_random_seed(config.seed)
         model = build_model(config, items)
         model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
@@ -67,7 +77,7 @@ def throughput(args: argparse.Namespace, variants: List[str]) -> Dict[str, Any]:
         for _ in range(3):  # trace and warm up
             step(next(iterator))
         runs[variant] = (step, iterator, config.training)
-    rounds: Dict[str, List[float]] = {v: [] for v in variants}
+    rounds: Dict[str, List[float]] = {v: [] for v in runs}
     for r in range(args.rounds):
         for variant, (step, iterator, training) in runs.items():
             count, start = 0, time.perf_counter()
@@ -83,6 +93,9 @@ def throughput(args: argparse.Namespace, variants: List[str]) -> Dict[str, Any]:
         "targets_per_second": rates,
         "rounds": {v: [round(x, 1) for x in t] for v, t in rounds.items()},
         "steps_per_round": args.steps,
+        "configs": {
+            name: dataclasses.asdict(c) for name, c in _named_configs(args, variants).items()
+        },
     }
     if "dnc" in rates and "sasrec" in rates:
         out["ratio_dnc_over_sasrec"] = round(rates["dnc"] / rates["sasrec"], 3)
@@ -138,6 +151,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-convergence", action="store_true", help="throughput only")
+    parser.add_argument(
+        "--extra",
+        default=None,
+        help='more settings timed beside the defaults: JSON {name: {"variant": V, field: value}}',
+    )
     parser.add_argument("--title", default=None)
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
