@@ -59,6 +59,23 @@ def _random_batch(b=5):
     return history, target_cluster, mask
 
 
+def _vary_prompts(model):
+    """Hadamard prompts start as ones: make them differ so that they matter."""
+    prompts = model.user_tower.task_prompts
+    prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
+    return prompts
+
+
+def _batch(history, target, target_cluster, mask):
+    return {
+        data.HISTORY: history,
+        data.TARGET: target,
+        data.TARGET_CLUSTER: target_cluster,
+        data.MASK: mask,
+        data.USER: np.zeros(len(history), np.int32),
+    }
+
+
 def _prefix(history_row, j):
     """History cut after position j, right-aligned to L."""
     out = np.zeros(L, np.int32)
@@ -84,9 +101,8 @@ OUTPUT_PROMPT = dataclasses.replace(SMALL, prompt_position="output")
 )
 def test_all_position_outputs_equal_per_prefix_outputs(variant, intent_encoder, config):
     model = _model(variant, intent_encoder=intent_encoder, config=config)
-    if VARIANTS[variant].conditioning == "hadamard":  # prompts start as ones: make them differ
-        prompts = model.user_tower.task_prompts
-        prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
+    if VARIANTS[variant].conditioning == "hadamard":
+        _vary_prompts(model)
     history, target_cluster, mask = _random_batch()
     got = model.sequence_user_embeddings(history, target_cluster, mask).numpy()
     intent = model.sequence_intent(history).numpy()
@@ -112,18 +128,11 @@ def test_all_position_outputs_equal_per_prefix_outputs(variant, intent_encoder, 
 def test_trimming_shared_left_padding_changes_no_output_nor_the_loss(variant, config):
     model = _model(variant, loss="softmax", config=config)
     if VARIANTS[variant].conditioning == "hadamard":
-        prompts = model.user_tower.task_prompts
-        prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
+        _vary_prompts(model)
     history, target_cluster, mask = _random_batch()
     history[:, :2], target_cluster[:, :2], mask[:, :2] = 0, 0, 0.0  # 2 padding columns
     target = np.where(mask > 0, RNG.integers(1, N + 1, size=history.shape), 0).astype(np.int32)
-    batch = {
-        data.HISTORY: history,
-        data.TARGET: target,
-        data.TARGET_CLUSTER: target_cluster,
-        data.MASK: mask,
-        data.USER: np.zeros(len(history), np.int32),
-    }
+    batch = _batch(history, target, target_cluster, mask)
     trimmed = {k: np.asarray(v) for k, v in sequence_data.trim_padding(batch).items()}
     assert trimmed[data.HISTORY].shape == (len(history), L - 2)
     full = model.sequence_user_embeddings(history, target_cluster, mask).numpy()
@@ -232,8 +241,7 @@ def test_pooled_clusters_intent_reads_the_history_clusters():
 def test_output_prompt_gates_the_unconditioned_output():
     """prompt_position=output: e_uk = SASRec(history) * t_k, NO_TASK = plain SASRec."""
     model = _model("dnc", config=OUTPUT_PROMPT)
-    prompts = model.user_tower.task_prompts
-    prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
+    prompts = _vary_prompts(model)
     history, _, _ = _random_batch()
     plain = model.user_embedding(history, np.full(len(history), K)).numpy()
     for k in range(K):
@@ -244,18 +252,11 @@ def test_output_prompt_gates_the_unconditioned_output():
 def test_output_prompt_tower_intent_loss_equals_two_separate_passes():
     """The shared pass (output prompts + tower intent) gives the loss of separate passes."""
     model = _model("dnc", loss="softmax", intent_encoder="tower", config=OUTPUT_PROMPT)
-    prompts = model.user_tower.task_prompts
-    prompts.assign(RNG.normal(1.0, 0.5, size=prompts.shape).astype(np.float32))
+    _vary_prompts(model)
     history, target_cluster, mask = _random_batch()
     target = np.where(mask > 0, RNG.integers(1, N + 1, size=history.shape), 0).astype(np.int32)
     target_cluster = np.where(mask > 0, ITEM_CLUSTER[np.maximum(target, 0)], 0).astype(np.int32)
-    batch = {
-        data.HISTORY: history,
-        data.TARGET: target,
-        data.TARGET_CLUSTER: target_cluster,
-        data.MASK: mask,
-        data.USER: np.zeros(len(history), np.int32),
-    }
+    batch = _batch(history, target, target_cluster, mask)
     got = model.compute_loss(batch).numpy()
     user = model.sequence_user_embeddings(history, target_cluster, mask)
     intent = model.sequence_intent(history)
