@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
+import warnings
 from typing import List, Optional, Sequence
 
 from pipeline import cli_pipeline, cli_serving, cli_trainer
@@ -129,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dnc", description="Divide-and-conquer embedding-based retrieval (TFRS)."
     )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show TensorFlow's C++ and Python warnings, CUDA/TensorRT probes and "
+        "third-party deprecation warnings (hidden by default)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_preprocess(sub)
     cli_trainer.add_train(sub)
@@ -170,10 +178,31 @@ def _configure_logging(level_name: str) -> None:
         logging.getLogger(name).setLevel(level if level <= logging.DEBUG else logging.CRITICAL)
 
 
+def _quiet_libraries(verbose: bool) -> None:
+    """Hides library start-up noise unless ``verbose``; must run before TensorFlow loads.
+
+    TensorFlow's C++ log (TensorRT and CUDA probes, the cuDNN/cuFFT/cuBLAS "unable to
+    register factory" lines that TF 2.16 prints at error level on every start, tf.data's
+    end-of-sequence notes) is filtered with ``TF_CPP_MIN_LOG_LEVEL=3``: a real failure
+    still reaches the user as the Python exception its status becomes. Its Python warnings
+    (e.g. "Gradients do not exist") with the ``tensorflow`` logger at ERROR; third-party
+    FutureWarnings and DeprecationWarnings with ``warnings`` filters. Beam's SDK workers
+    inherit the environment. Progress bars and the project's loggers are untouched.
+    """
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dnc`` console script; returns the exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    _quiet_libraries(args.verbose or args.log_level.upper() == "DEBUG")
     _configure_logging(args.log_level)
     from preprocessing.errors import EmptyDataError
     from preprocessing.fileio import OutputError

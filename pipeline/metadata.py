@@ -166,11 +166,8 @@ class Metadata:
 
     def external_artifact(self, ref: ArtifactRef) -> ArtifactRef:
         """Registers (or finds by uri + fingerprint) an artifact made outside the pipeline."""
-        try:
-            candidates = self.store.get_artifacts_by_type(ref.type_name)
-        except Exception:  # the type is not registered yet
-            candidates = []
-        for artifact in candidates:
+        # ML Metadata answers [] for a type never registered; any error is a real one.
+        for artifact in self.store.get_artifacts_by_type(ref.type_name):
             if artifact.uri == ref.uri and (
                 _get(artifact.custom_properties, "fingerprint") == ref.fingerprint
             ):
@@ -180,10 +177,7 @@ class Metadata:
 
     def artifacts_by_type(self, type_name: str) -> List[ArtifactRef]:
         """Every artifact of a type, oldest first."""
-        try:
-            found = self.store.get_artifacts_by_type(type_name)
-        except Exception:  # the type is not registered yet
-            return []
+        found = self.store.get_artifacts_by_type(type_name)  # [] for an unknown type
         return sorted((self._ref(a, type_name) for a in found), key=lambda r: r.id)
 
     def artifact(self, artifact_id: int) -> ArtifactRef:

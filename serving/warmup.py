@@ -141,5 +141,5 @@ def warm_up(loaded: Any) -> int:
             _call(loaded.signatures, name, inputs)
             done += 1
         except Exception as e:  # noqa: BLE001  (a guessed input may be invalid for the model)
-            log.info("model %s: warm-up of %s skipped: %s", loaded.name, name, e)
+            log.warning("model %s: warm-up of %s failed, serving it cold: %s", loaded.name, name, e)
     return done

@@ -24,7 +24,7 @@ SAMPLERS = ("global", "in_cluster", "mixed")
 LOSSES = ("bce", "sampled-softmax", "softmax")
 SOFTMAX_SCOPES = ("auto", "cluster", "all")
 TRAININGS = ("prefix", "all-positions")
-INTENT_ENCODERS = ("pooled", "pooled-clusters", "tower")
+INTENT_ENCODERS = ("pooled", "pooled-clusters", "tower", "implied")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +145,11 @@ class TrainConfig:
             ``pooled-clusters`` (the same pooling over item embeddings plus a learned
             embedding of each history item's cluster, so the intent does not depend on
             item embeddings separating clusters, which an in-cluster loss never asks
-            for) or ``tower`` (the Transformer with the identity prompt; a second pass).
+            for), ``tower`` (the Transformer with the identity prompt; a second pass
+            unless the prompt gates the output) or ``implied`` (no separate head: a
+            global retrieval head on the unprompted tower output, trained by a sampled
+            softmax over all items, gives ``p(k | u)`` = the softmax mass of cluster
+            k's items; ``intent_weight`` weighs that head's loss).
         intent_recency: initial slope of the pooled intent encoders' position logits
             (the item s steps back starts at ``-intent_recency * s``; 0: a plain mean).
             All-position training takes few, large steps, sometimes too few for
@@ -158,6 +162,9 @@ class TrainConfig:
         eval_m: list sizes M for validation recall (the first drives early stopping).
         eval_users: validation users used each epoch (None: all).
         patience: epochs without validation improvement before stopping.
+        min_steps: optimizer steps before early stopping starts watching: on small data
+            sets an epoch is a few steps, and the validation recall can stall for
+            several of them early in training (LastFM: 9 steps an epoch).
         seed: global seed (weights, shuffling, negatives).
     """
 
@@ -182,6 +189,7 @@ class TrainConfig:
     eval_m: Tuple[int, ...] = (20, 50)
     eval_users: Optional[int] = 2000
     patience: int = 3
+    min_steps: int = 1000
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -197,6 +205,8 @@ class TrainConfig:
         for name in ("num_negatives", "epochs", "batch_size", "shuffle_buffer", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_steps < 0:
+            raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.length_buckets < 0:
             raise ValueError(f"length_buckets must be >= 0, got {self.length_buckets}")
         if not 0.0 <= self.mixed_ratio <= 1.0:

@@ -17,6 +17,10 @@ from trainer import data, losses, towers
 from trainer.config import INTENT_ENCODERS, SOFTMAX_SCOPES, ModelConfig, Variant
 from trainer.intent import PooledHistoryEncoder
 
+# Uniform negatives shared by every position of a batch in the global head of the
+# ``implied`` intent (one [S, d] x [d, 1024] matmul a step).
+IMPLIED_NEGATIVES = 1024
+
 
 class RetrievalModel(tfrs.Model):
     """Two-tower model of one variant.
@@ -33,11 +37,13 @@ class RetrievalModel(tfrs.Model):
         softmax_scope: ``auto`` (the target's cluster for in-cluster variants, else all
             items), ``cluster`` or ``all``: what the full ``softmax`` normalises over.
         intent_encoder: ``pooled`` (cheap, default), ``pooled-clusters`` (also reads the
-            history's clusters) or ``tower`` (Transformer, NO_TASK prompt).
+            history's clusters), ``tower`` (Transformer, NO_TASK prompt) or ``implied``
+            (the cluster masses of a global softmax head on the NO_TASK tower output,
+            trained by a sampled softmax over all items: ``implied_intent``).
         intent_recency: initial recency slope of the pooled intent encoders' position
             logits (``PooledHistoryEncoder``).
         item_cluster: [N + 1] cluster of each model item id (``-1`` for PAD_ID); needed by
-            the ``softmax`` loss of in-cluster variants and by ``pooled-clusters``.
+            the ``softmax`` loss of in-cluster variants, by ``pooled-clusters`` and ``implied``.
 
     ``compute_loss`` takes per-prefix batches (``data.training_dataset``: ``TARGET`` [B])
     or all-position batches (``sequence_data.sequence_dataset``: ``TARGET`` [B, W] and ``MASK``).
@@ -75,7 +81,9 @@ class RetrievalModel(tfrs.Model):
             self.user_tower = towers.build_user_tower(
                 model_config, variant.conditioning, num_items, num_clusters, self.item_embedding
             )
-        self.intent_pooling = PooledHistoryEncoder(model_config.max_len, dim, intent_recency)
+        self.intent_pooling = None
+        if intent_encoder != "implied":
+            self.intent_pooling = PooledHistoryEncoder(model_config.max_len, dim, intent_recency)
         self.intent_head = towers.IntentHead(num_clusters)
         if loss == "bce":
             self.retrieval_loss = losses.SampledBinaryCrossEntropy()
@@ -101,10 +109,13 @@ class RetrievalModel(tfrs.Model):
         if self.in_cluster_softmax and self._item_cluster is None:
             raise ValueError("the in-cluster softmax loss needs item_cluster")
         self.cluster_embedding = None
+        if intent_encoder in ("pooled-clusters", "implied") and self._item_cluster is None:
+            raise ValueError(f"the {intent_encoder} intent encoder needs item_cluster")
+        if intent_encoder == "implied" and variant.user_tower == "mf":
+            raise ValueError("the implied intent needs a sequence tower, not mf")
         if intent_encoder == "pooled-clusters":
-            if self._item_cluster is None:
-                raise ValueError("the pooled-clusters intent encoder needs item_cluster")
             self.cluster_embedding = tf.keras.layers.Embedding(num_clusters, dim)
+        self.global_loss = losses.SampledSoftmaxLoss()
         self.intent_loss = losses.IntentLoss()
 
     @property
@@ -131,12 +142,47 @@ class RetrievalModel(tfrs.Model):
         # Baselines keep an intent head only for the extra merge column: it must
         # not change what their towers and embeddings learn.
         isolate = tf.identity if self.variant.merged else tf.stop_gradient
+        if self.intent_encoder_kind == "implied":
+            return self.implied_intent(self._unprompted(history, training))
         if self.intent_encoder_kind == "tower" and self.variant.user_tower != "mf":
             task = tf.fill(tf.shape(history)[:1], self.num_clusters)
             rep = isolate(self.user_tower({"history": history, "task": task}, training=training))
         else:
             rep = self.intent_pooling(history, self._intent_inputs(history, isolate))
         return self.intent_head(rep)
+
+    def _unprompted(self, history: tf.Tensor, training: bool) -> tf.Tensor:
+        """The NO_TASK tower output [B, d] (the plain SASRec representation)."""
+        task = tf.fill(tf.shape(history)[:1], self.num_clusters)
+        return self.user_tower({"history": history, "task": task}, training=training)
+
+    def implied_intent(self, unprompted: tf.Tensor) -> tf.Tensor:
+        """p(k | u) [B, K] = sum over cluster k's items of ``softmax_i(h . e_i)``, for
+        unprompted outputs h [B, d] (the global head's softmax over all items)."""
+        candidates = self.candidate_embeddings(tf.range(self.num_items + 1))
+        logits = tf.matmul(unprompted, candidates, transpose_b=True)  # [B, N + 1]
+        real = tf.range(self.num_items + 1)[None, :] > 0
+        logits = tf.where(real, logits, tf.fill(tf.shape(logits), float("-inf")))
+        probs = tf.nn.softmax(logits, axis=-1)
+        # PAD_ID's cluster is -1: unsorted_segment_sum drops it.
+        mass = tf.math.unsorted_segment_sum(
+            tf.transpose(probs), self._item_cluster, self.num_clusters
+        )
+        return tf.transpose(mass)
+
+    def global_head_loss(
+        self, unprompted: tf.Tensor, target: tf.Tensor, negatives: Optional[tf.Tensor] = None
+    ) -> tf.Tensor:
+        """Sampled softmax of unprompted outputs [S, d] over all items: the target [S]
+        against ``negatives`` [G] shared by the batch (default: ``IMPLIED_NEGATIVES``
+        uniform draws; accidental hits masked; uniform draws need no log-Q correction)."""
+        if negatives is None:
+            count = min(IMPLIED_NEGATIVES, self.num_items)
+            negatives = tf.random.uniform([count], 1, self.num_items + 1, dtype=tf.int32)
+        positive = tf.reduce_sum(unprompted * self.candidate_embeddings(target), axis=-1)
+        negative = tf.matmul(unprompted, self.candidate_embeddings(negatives), transpose_b=True)
+        valid = tf.not_equal(negatives[None, :], tf.cast(target, tf.int32)[:, None])
+        return self.global_loss(positive, negative, valid=valid)
 
     def _intent_inputs(self, history: tf.Tensor, isolate) -> tf.Tensor:
         """What the pooled intent encoders read at each history position [..., d]."""
@@ -181,11 +227,7 @@ class RetrievalModel(tfrs.Model):
             return out * tf.cast(valid, out.dtype)[..., None]
         target_cluster = tf.cast(target_cluster, tf.int32)
         if getattr(self.user_tower, "late_prompt", False):
-            # Output prompts: one causal pass, each position gated by its target's prompt.
-            task = tf.fill(tf.shape(history)[:1], self.num_clusters)
-            out = self.user_tower.encode_sequence(history, task, training=training)
-            out = self.user_tower.gate_output(out, tf.maximum(target_cluster, 0))
-            return out * tf.cast(valid, out.dtype)[..., None]
+            return self._gated_pass(history, target_cluster, mask, training)[0]
         onehot = tf.equal(
             target_cluster[:, :, None], tf.range(self.num_clusters, dtype=tf.int32)[None, None]
         )  # [B, L, K]
@@ -204,6 +246,11 @@ class RetrievalModel(tfrs.Model):
         """All-position intent p [B, L, K]: position ``j`` equals ``intent`` of the
         history cut after ``j`` (causal pooling, or the NO_TASK causal tower)."""
         isolate = tf.identity if self.variant.merged else tf.stop_gradient
+        if self.intent_encoder_kind == "implied":
+            task = tf.fill(tf.shape(history)[:1], self.num_clusters)
+            h = self.user_tower.encode_sequence(history, task, training=training)
+            p = self.implied_intent(tf.reshape(h, [-1, h.shape[-1]]))
+            return tf.reshape(p, tf.concat([tf.shape(h)[:2], [self.num_clusters]], 0))
         if self.intent_encoder_kind == "tower" and self.variant.user_tower != "mf":
             task = tf.fill(tf.shape(history)[:1], self.num_clusters)
             rep = isolate(self.user_tower.encode_sequence(history, task, training=training))
@@ -261,7 +308,12 @@ class RetrievalModel(tfrs.Model):
             inputs.get(data.NEGATIVES_VALID),
             inputs.get(data.NEGATIVES_LOG_Q),
         )
-        if self.intent_weight > 0:
+        if self.intent_weight > 0 and self.intent_encoder_kind == "implied":
+            # Plain variants' own global loss already trains this head.
+            if self.variant.merged:
+                h = user if not self.conditioned else self._unprompted(history, training)
+                loss += self.intent_weight * self.global_head_loss(h, target)
+        elif self.intent_weight > 0:
             intent = self.intent(history, training=training)
             loss += self.intent_weight * self.intent_loss(intent, target_cluster)
         return loss
@@ -293,7 +345,15 @@ class RetrievalModel(tfrs.Model):
             pick(inputs.get(data.NEGATIVES_VALID)),
             pick(inputs.get(data.NEGATIVES_LOG_Q)),
         )
-        if self.intent_weight > 0:
+        if self.intent_weight > 0 and self.intent_encoder_kind == "implied":
+            if self.variant.merged:
+                if shared is None:
+                    task = tf.fill(tf.shape(history)[:1], self.num_clusters)
+                    h = self.user_tower.encode_sequence(history, task, training=training)
+                else:
+                    h = shared[1]
+                loss += self.intent_weight * self.global_head_loss(pick(h), pick(target))
+        elif self.intent_weight > 0:
             if shared is None:
                 intent = self.sequence_intent(history, training=training)
             else:
@@ -303,11 +363,17 @@ class RetrievalModel(tfrs.Model):
 
     def _shared_tower_pass(self, history, target_cluster, mask, training):
         """(user [B, L, d], unconditioned output [B, L, d]) from ONE causal pass, for output
-        prompts with the ``tower`` intent (the intent reads the pass the prompts gate);
-        None otherwise."""
+        prompts with the ``tower`` or ``implied`` intent (the intent reads the pass the
+        prompts gate); None otherwise."""
         late = getattr(self.user_tower, "late_prompt", False)
-        if not (late and self.intent_encoder_kind == "tower" and self.variant.merged):
+        reads_tower = self.intent_encoder_kind in ("tower", "implied")
+        if not (late and reads_tower and self.variant.merged):
             return None
+        return self._gated_pass(history, target_cluster, mask, training)
+
+    def _gated_pass(self, history, target_cluster, mask, training):
+        """Output prompts: ONE causal pass h [B, L, d]; returns (h gated at each position by
+        its target's prompt, zero where masked; h)."""
         task = tf.fill(tf.shape(history)[:1], self.num_clusters)
         h = self.user_tower.encode_sequence(history, task, training=training)
         valid = tf.cast(tf.cast(mask, tf.bool), h.dtype)[..., None]

@@ -212,8 +212,18 @@ def length_buckets(config: TrainConfig) -> Optional[sequence_data.LengthBuckets]
     )
 
 
+def early_stopping_start(min_steps: int, steps_per_epoch: int) -> int:
+    """The first epoch (0-based) that early stopping watches: after ``min_steps`` steps."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    return math.ceil(min_steps / steps_per_epoch)
+
+
 def _callbacks(
-    config: TrainConfig, items: data.ItemsTable, samples_per_step: Optional[float] = None
+    config: TrainConfig,
+    items: data.ItemsTable,
+    samples_per_step: Optional[float] = None,
+    steps_per_epoch: int = 1,
 ) -> List[tf.keras.callbacks.Callback]:
     validation = data.evaluation_data(
         config.data,
@@ -234,7 +244,11 @@ def _callbacks(
         ),
         tf.keras.callbacks.BackupAndRestore(os.path.join(config.output, "backup")),
         tf.keras.callbacks.EarlyStopping(
-            monitor=monitor, mode="max", patience=config.patience, restore_best_weights=True
+            monitor=monitor,
+            mode="max",
+            patience=config.patience,
+            restore_best_weights=True,
+            start_from_epoch=early_stopping_start(config.min_steps, steps_per_epoch),
         ),
         tf.keras.callbacks.TensorBoard(os.path.join(config.output, "logs"), write_graph=False),
     ]
@@ -285,7 +299,7 @@ def train(
         config.batch_size,
         type(strategy).__name__,
     )
-    callbacks = _callbacks(config, items, samples_per_step) + list(extra_callbacks or [])
+    callbacks = _callbacks(config, items, samples_per_step, steps) + list(extra_callbacks or [])
     fit = model.fit(
         dataset, epochs=config.epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=verbose
     )

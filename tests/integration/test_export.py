@@ -1,5 +1,6 @@
 """Exporting a trained tiny model as a TF Serving SavedModel, reloading it and serving."""
 
+import dataclasses
 import json
 import os
 
@@ -306,3 +307,41 @@ def test_plain_variant_serves_the_global_top_m(tiny_data, tmp_path, requests):
     served = _to_model_ids(requests["items"], out["item_ids"])
     for row in range(USERS):
         assert set(served[row]) == set(reference[row]), row
+
+
+def test_implied_intent_export_matches_the_exact_evaluation_path(tiny_data, requests, tmp_path):
+    """Output prompts + the implied intent (a global softmax head) in the graph = evaluation."""
+    config = TrainConfig(
+        data=tiny_data,
+        output=str(tmp_path / "model"),
+        variant="dnc",
+        model=dataclasses.replace(SMALL, prompt_position="output"),
+        training="all-positions",
+        loss="sampled-softmax",
+        num_negatives=8,
+        intent_encoder="implied",
+        intent_weight=1.0,
+        epochs=1,
+        batch_size=16,
+        steps_per_epoch=4,
+        eval_users=40,
+        eval_m=(5, 10),
+    )
+    train(config, verbose=0)
+    path = export_model(config.output, tiny_data, str(tmp_path / "dnc"), merge="score", alpha=1.0,
+                        **BRUTE)  # fmt: skip
+    m = BRUTE["max_num_results"]
+    out = _serve(load_exported(path), requests["raw"], 1.0, m)
+    _check_lists(out, requests["raw"], m)
+    served = _to_model_ids(requests["items"], out["item_ids"])
+    reference = _reference(
+        tiny_data, {"model_dir": config.output}, requests, m, BRUTE["max_history"],
+        merge="score", alpha=1.0,
+    )  # fmt: skip
+    np.testing.assert_array_equal(served, reference)
+    intent = (
+        load_exported(path)
+        .signatures["intent"](history=tf.constant(requests["raw"], tf.string))["probabilities"]
+        .numpy()
+    )
+    np.testing.assert_allclose(intent.sum(axis=1), 1.0, rtol=1e-5)  # cluster masses
