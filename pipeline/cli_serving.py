@@ -24,6 +24,18 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=_alpha, default=None, help="default: chosen on validation")
     add_merge_argument(p)
     p.add_argument("--max-history", type=int, default=None)
+    p.add_argument(
+        "--max-exclude",
+        type=int,
+        default=100,
+        help="most exclude ids per request of the retrieve_filtered signature",
+    )
+    p.add_argument(
+        "--scann-min-size", type=int, default=1024, help="smaller clusters are searched exactly"
+    )
+    p.add_argument(
+        "--leaves-fraction", type=float, default=0.1, help="share of ScaNN tree leaves searched"
+    )
     p.set_defaults(handler=run_export)
 
 
@@ -64,6 +76,9 @@ def run_export(args: argparse.Namespace, extra: List[str]) -> int:
                 alpha=args.alpha,
                 merge=args.merge,
                 max_history=args.max_history,
+                max_exclude=args.max_exclude,
+                scann_min_size=args.scann_min_size,
+                leaves_fraction=args.leaves_fraction,
             )
     except ValueError as e:
         print(f"dnc export: {e}", file=sys.stderr)

@@ -24,24 +24,40 @@ import numpy as np
 log = logging.getLogger("dnc.serving")
 
 RETRIEVE_SIGNATURE = "retrieve"
+FILTERED_SIGNATURE = "retrieve_filtered"
 DEFAULT_ALPHA = 1.0  # same default as trainer.evaluation.DEFAULT_ALPHA
 DEFAULT_NUM_RESULTS = 10
 ArrayLike = Union[np.ndarray, List[Any], Any]
 
 
 def _retrieve_inputs(
-    history: Sequence[str], num_results: Optional[int], alpha: Optional[float]
+    history: Sequence[str],
+    num_results: Optional[int],
+    alpha: Optional[float],
+    clusters: Optional[Sequence[int]] = None,
+    exclude: Optional[Sequence[str]] = None,
 ) -> Dict[str, np.ndarray]:
+    """Inputs of ``serving_default``, ``retrieve`` or (with a filter) ``retrieve_filtered``."""
     if isinstance(history, (str, bytes)):
         raise ValueError("history must be a list of item ids, not a single string")
     items = np.array([[str(h).encode("utf-8") for h in history]], dtype=object).reshape(1, -1)
     inputs: Dict[str, np.ndarray] = {"history": items}
-    if num_results is not None or alpha is not None:
+    filtered = clusters is not None or exclude is not None
+    if num_results is not None or alpha is not None or filtered:
         n = DEFAULT_NUM_RESULTS if num_results is None else int(num_results)
         if n <= 0:
             raise ValueError(f"num_results must be > 0, got {n}")
         inputs["alpha"] = np.array(DEFAULT_ALPHA if alpha is None else alpha, dtype=np.float32)
         inputs["num_results"] = np.array(n, dtype=np.int32)
+    if filtered:
+        if isinstance(exclude, (str, bytes)):
+            raise ValueError("exclude must be a list of item ids, not a single string")
+        wanted = [int(c) for c in (clusters or [])]
+        if any(c < 0 for c in wanted):
+            raise ValueError(f"clusters must be cluster ids >= 0, got {wanted}")
+        inputs["clusters"] = np.array([wanted], dtype=np.int32).reshape(1, -1)
+        dropped = [str(e).encode("utf-8") for e in (exclude or [])]
+        inputs["exclude"] = np.array([dropped], dtype=object).reshape(1, -1)
     return inputs
 
 
@@ -58,10 +74,22 @@ class _Retrieving:
         history: Sequence[str],
         num_results: Optional[int] = None,
         alpha: Optional[float] = None,
+        clusters: Optional[Sequence[int]] = None,
+        exclude: Optional[Sequence[str]] = None,
     ) -> Dict[str, np.ndarray]:
-        """Retrieves items for one history (``retrieve`` signature if M or alpha is given)."""
-        inputs = _retrieve_inputs(history, num_results, alpha)
-        signature = RETRIEVE_SIGNATURE if len(inputs) > 1 else self.signature_name
+        """Retrieves items for one history.
+
+        Uses the ``retrieve`` signature if M or alpha is given, ``retrieve_filtered`` if
+        ``clusters`` (keep only these clusters) or ``exclude`` (item ids to leave out) is,
+        and the client's signature otherwise.
+        """
+        inputs = _retrieve_inputs(history, num_results, alpha, clusters, exclude)
+        if "clusters" in inputs:
+            signature = FILTERED_SIGNATURE
+        elif len(inputs) > 1:
+            signature = RETRIEVE_SIGNATURE
+        else:
+            signature = self.signature_name
         return self.predict(inputs, signature)
 
 
@@ -250,6 +278,10 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--history", required=True, help="comma-separated item ids, oldest first")
     parser.add_argument("--num_results", type=int, default=None, help="M (retrieve signature)")
     parser.add_argument("--alpha", type=float, default=None, help="quota exponent")
+    parser.add_argument(
+        "--clusters", default=None, help="comma-separated cluster ids: only these clusters"
+    )
+    parser.add_argument("--exclude", default=None, help="comma-separated item ids to leave out")
     parser.add_argument("--rest", action="store_true", help="use the REST API")
     parser.add_argument("--signature_name", default="serving_default")
     parser.add_argument("--timeout", type=float, default=10.0)
@@ -275,19 +307,30 @@ def format_results(outputs: Mapping[str, np.ndarray]) -> str:
     return "\n".join(lines)
 
 
+def _id_list(text: str) -> List[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def run_query(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     """Queries a server and prints the retrieved items; returns the exit code."""
     out = out if out is not None else sys.stdout
-    history = [h.strip() for h in args.history.split(",") if h.strip()]
+    history = _id_list(args.history)
     if not history:
         log.error("query: --history has no item ids")
         return 2
+    try:
+        clusters = None if args.clusters is None else [int(c) for c in _id_list(args.clusters)]
+    except ValueError:
+        log.error("query: --clusters must be comma-separated integers, got %r", args.clusters)
+        return 2
+    exclude = None if args.exclude is None else _id_list(args.exclude)
+    request = (args.num_results, args.alpha, clusters, exclude)
     try:
         if args.rest:
             client: Any = RestClient(
                 args.server, args.model_name, args.signature_name, args.timeout
             )
-            outputs = client.retrieve(history, args.num_results, args.alpha)
+            outputs = client.retrieve(history, *request)
         else:
             import grpc
 
@@ -295,7 +338,7 @@ def run_query(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
                 args.server, args.model_name, args.signature_name, args.timeout
             ) as client:
                 try:
-                    outputs = client.retrieve(history, args.num_results, args.alpha)
+                    outputs = client.retrieve(history, *request)
                 except grpc.RpcError as e:
                     log.error("query: %s: %s", e.code().name, e.details())
                     return 1

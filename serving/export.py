@@ -21,6 +21,10 @@ Signatures (B = batch, n = any history length, M = ``default_num_results``):
 * ``retrieve``: ``history`` string [B, n], ``alpha`` float32 [], ``num_results``
   int32 [] (``<= max_num_results``, else InvalidArgument) -> the same with
   M = ``num_results``.
+* ``retrieve_filtered``: as ``retrieve`` plus ``clusters`` int32 [B, C] (only these
+  clusters; -1 pads, a row of -1 allows all; unknown cluster: InvalidArgument) and
+  ``exclude`` string [B, E] (raw ids removed from the result, ``""`` pads, at most
+  ``max_exclude`` per row).
 * ``user_embedding``: ``history`` string [B, n], ``cluster`` int32 [B] (K = no task)
   -> ``embedding`` float32 [B, d].
 * ``intent``: ``history`` string [B, n] -> ``probabilities`` float32 [B, K].
@@ -60,6 +64,7 @@ from trainer.train import MODEL_JSON, MODEL_SUBDIR, ModelScorer, load_model
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_HISTORY = 512
+DEFAULT_MAX_EXCLUDE = 100
 _VERSION = re.compile(r"^[0-9]+$")
 
 
@@ -80,6 +85,8 @@ class ExportConfig:
         max_history: most recent history items excluded from the results (older
             ones may come back); each index returns ``max_num_results + max_history``
             candidates so that the exclusion never leaves a list short.
+        max_exclude: most ``exclude`` ids per row of ``retrieve_filtered``; every index
+            returns that many more candidates, for the same reason.
         scann_min_size: clusters smaller than this are searched exactly.
         leaves_fraction: share of the ScaNN tree leaves searched.
     """
@@ -93,6 +100,7 @@ class ExportConfig:
     alpha: Optional[float] = None
     merge: Optional[str] = None
     max_history: int = DEFAULT_MAX_HISTORY
+    max_exclude: int = DEFAULT_MAX_EXCLUDE
     scann_min_size: int = 1024
     leaves_fraction: float = 0.1
 
@@ -108,6 +116,8 @@ class ExportConfig:
             )
         if self.max_history < 1:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
+        if self.max_exclude < 0:
+            raise ValueError(f"max_exclude must be >= 0, got {self.max_exclude}")
         if not 0.0 < self.leaves_fraction <= 1.0:
             raise ValueError(f"leaves_fraction must be in (0, 1], got {self.leaves_fraction}")
         check_alpha(self.alpha)
@@ -199,7 +209,7 @@ def _item_vocabulary(data_dir: str, items: data.ItemsTable) -> str:
 
 
 def _plans(items: data.ItemsTable, merged: bool, cfg: ExportConfig) -> List[Dict[str, Any]]:
-    k = cfg.max_num_results + cfg.max_history
+    k = cfg.max_num_results + cfg.max_history + cfg.max_exclude
     if merged:
         sizes = np.bincount(items.item_cluster[1:], minlength=items.num_clusters)
     else:
@@ -248,6 +258,7 @@ def export(cfg: ExportConfig) -> str:
         alpha=alpha,
         max_history=cfg.max_history,
         merge=merge,
+        max_exclude=cfg.max_exclude,
     )
     metadata = {
         "variant": variant.name,
@@ -267,6 +278,7 @@ def export(cfg: ExportConfig) -> str:
         "max_num_results": cfg.max_num_results,
         "default_num_results": cfg.default_num_results,
         "max_history": cfg.max_history,
+        "max_exclude": cfg.max_exclude,
         "data_fingerprint": data_fingerprint(cfg.data_dir),
         "data_dir": os.path.abspath(cfg.data_dir),
         "model_dir": os.path.abspath(cfg.model_dir),
@@ -335,7 +347,8 @@ def export_model(
         alpha: quota exponent; None selects it on validation (merged variants).
         merge: ``quota`` or ``score``; None selects it on validation (merged variants).
         max_history: recent history items excluded (None: ``DEFAULT_MAX_HISTORY``).
-        **kwargs: further ``ExportConfig`` fields (``scann_min_size``, ``leaves_fraction``).
+        **kwargs: further ``ExportConfig`` fields (``max_exclude``, ``scann_min_size``,
+            ``leaves_fraction``).
     """
     cfg = ExportConfig(
         model_dir=model_dir,

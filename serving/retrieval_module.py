@@ -23,6 +23,16 @@ History handling of one request (``history`` [B, n] raw ids, oldest first):
   whole cluster). The capacity of cluster c is the number of valid candidates that
   survive (``cluster size - history items in c`` for an exact index); ScaNN slots it
   could not fill (NaN scores) are not counted.
+
+``retrieve_filtered`` adds two per-request filters (TFRS users' category-restricted
+retrieval and exclusion lists): ``clusters`` keeps only the given clusters (their
+candidates stay, the others' are dropped before the merge: with the score merge the result
+is the unrestricted ranking cut to those clusters; the quota merge shares the M slots among
+them) and ``exclude`` removes up to ``max_exclude`` more items per row, which is why every
+index returns ``max_exclude`` more candidates. Excluded items are dropped from the lists
+only: they stay in the score merge's log-partition, so no other item's score changes. A
+separate signature, not optional inputs of ``retrieve``, because TF Serving's Predict API
+requires every input of a signature: existing ``retrieve`` requests stay valid.
 """
 
 from __future__ import annotations
@@ -178,6 +188,8 @@ class RetrievalModule(tf.Module):
         alpha: default quota exponent.
         max_history: history items excluded from the results (the most recent ones).
         merge: ``quota`` or ``score`` (see the module docstring); plain variants ignore it.
+        max_exclude: most ``exclude`` ids per row of ``retrieve_filtered``; the plans' k
+            must include it (``max_num_results + max_history + max_exclude``).
     """
 
     def __init__(
@@ -192,8 +204,12 @@ class RetrievalModule(tf.Module):
         alpha: float,
         max_history: int,
         merge: str = "quota",
+        max_exclude: int = 0,
     ) -> None:
         super().__init__(name="dnc_retrieval")
+        if max_exclude < 0:
+            raise ValueError(f"max_exclude must be >= 0, got {max_exclude}")
+        self.max_exclude = int(max_exclude)
         self.merge = check_merge(merge)
         self.model = model
         self.merged = bool(model.variant.merged)
@@ -304,8 +320,58 @@ class RetrievalModule(tf.Module):
             "clusters": clusters,
         }
 
-    def serve(self, history: tf.Tensor, alpha: tf.Tensor, num_results: tf.Tensor):
-        """Top ``num_results`` unseen items of every history row (see the module docstring)."""
+    def _allowed(self, clusters: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+        """[B, K] bool of ``clusters`` [B, C] (-1 = padding; a row of padding allows all)."""
+        clusters = tf.cast(clusters, tf.int32)
+        checks = [
+            tf.debugging.assert_equal(
+                tf.shape(clusters)[0], rows, message="clusters must have one row per history"
+            ),
+            tf.debugging.assert_greater_equal(
+                clusters, -1, message="clusters must be cluster ids in [0, K) or -1 (padding)"
+            ),
+            tf.debugging.assert_less(
+                clusters,
+                self.num_clusters,
+                message=f"clusters must be cluster ids < K={self.num_clusters} or -1 (padding)",
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            hot = tf.one_hot(clusters, self.num_clusters, on_value=True, off_value=False)
+        allowed = tf.reduce_any(hot, axis=1)
+        return allowed | ~tf.reduce_any(allowed, axis=1, keepdims=True)
+
+    def _excluded(self, exclude: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+        """Model ids [B, E] of the raw ``exclude`` ids (``""`` and unknown ids -> PAD_ID)."""
+        exclude = tf.convert_to_tensor(exclude, tf.string)
+        given = tf.reduce_sum(tf.cast(exclude != features.PADDING_ITEM_ID, tf.int32), axis=1)
+        checks = [
+            tf.debugging.assert_equal(
+                tf.shape(exclude)[0], rows, message="exclude must have one row per history"
+            ),
+            tf.debugging.assert_less_equal(
+                given,
+                self.max_exclude,
+                message=f"exclude holds more than max_exclude={self.max_exclude} ids in a row",
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            return self.model_ids(exclude)
+
+    def serve(
+        self,
+        history: tf.Tensor,
+        alpha: tf.Tensor,
+        num_results: tf.Tensor,
+        clusters: Optional[tf.Tensor] = None,
+        exclude: Optional[tf.Tensor] = None,
+    ):
+        """Top ``num_results`` unseen items of every history row (see the module docstring).
+
+        ``clusters`` restricts each row's result to those clusters (the merged ranking
+        cut to them); ``exclude`` removes those items from it, like history items, but
+        without changing any score.
+        """
         history = tf.convert_to_tensor(history, tf.string)
         num_results = tf.cast(num_results, tf.int32)
         alpha = tf.cast(alpha, tf.float32)
@@ -321,24 +387,38 @@ class RetrievalModule(tf.Module):
         with tf.control_dependencies(checks):
             num_results = tf.identity(num_results)
         tower, seen = self._tower_history(history)
-        seen = tf.sort(seen, axis=-1)
         b = tf.shape(tower)[0]
+        blocked = seen if exclude is None else tf.concat([seen, self._excluded(exclude, b)], 1)
+        seen, blocked = tf.sort(seen, axis=-1), tf.sort(blocked, axis=-1)
+        allowed = None if clusters is None else self._allowed(clusters, b)
         if not self.merged:
             query = self._user(tower, tf.fill([b], self.num_clusters))
-            scores, ids = self._candidates(self.indexes[0], query, seen)
+            scores, ids = self._candidates(self.indexes[0], query, blocked)
             clusters = tf.where(ids == PAD_ID, -1, tf.gather(self.item_cluster, ids))
+            if allowed is not None:
+                keep = tf.gather(allowed, tf.maximum(clusters, 0), batch_dims=1) & (ids != PAD_ID)
+                order = tf.argsort(tf.cast(keep, tf.int32), axis=-1, direction="DESCENDING",
+                                   stable=True)  # fmt: skip
+                scores = tf.gather(tf.where(keep, scores, -np.inf), order, batch_dims=1)
+                ids = tf.gather(tf.where(keep, ids, PAD_ID), order, batch_dims=1)
+                clusters = tf.gather(tf.where(keep, clusters, -1), order, batch_dims=1)
             return self._finish(ids, scores, clusters, num_results)
         k = self.num_clusters
         tasks = tf.tile(tf.range(k, dtype=tf.int32), [b])
         users = tf.reshape(self._user(tf.repeat(tower, k, axis=0), tasks), [b, k, -1])
-        per_cluster = [self._candidates(self.indexes[c], users[:, c], seen) for c in range(k)]
+        per_cluster = [self._candidates(self.indexes[c], users[:, c], blocked) for c in range(k)]
         scores = tf.stack([s for s, _ in per_cluster], axis=1)  # [B, K, k_max]
         ids = tf.stack([i for _, i in per_cluster], axis=1)
         p = self.model.intent(tower, training=False)
+        if allowed is not None:
+            scores = tf.where(allowed[:, :, None], scores, -np.inf)
+            ids = tf.where(allowed[:, :, None], ids, PAD_ID)
         if self.merge == "score":
             log_z = self._log_partition(users, seen)
             merged = score_merge_tf(scores, ids, log_z, p, alpha, num_results)
             return self._finish(*merged, num_results)
+        if allowed is not None:
+            p = p * tf.cast(allowed, p.dtype)
         capacity = tf.reduce_sum(tf.cast(ids != PAD_ID, tf.int32), axis=-1)
         quotas = compute_quotas_tf(p, num_results, alpha, capacity)
         out_ids, out_scores, out_clusters = merge_per_cluster_tf(scores, ids, quotas)
@@ -361,6 +441,20 @@ class RetrievalModule(tf.Module):
     def retrieve(self, history, alpha, num_results):
         """``history`` [B, n], ``alpha``, ``num_results`` -> top ``num_results``."""
         return self.serve(history, alpha, num_results)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.string, name="history"),
+            tf.TensorSpec([], tf.float32, name="alpha"),
+            tf.TensorSpec([], tf.int32, name="num_results"),
+            tf.TensorSpec([None, None], tf.int32, name="clusters"),
+            tf.TensorSpec([None, None], tf.string, name="exclude"),
+        ]
+    )
+    def retrieve_filtered(self, history, alpha, num_results, clusters, exclude):
+        """``retrieve`` restricted to ``clusters`` [B, C] (-1 pads; a row of -1 allows all),
+        without the raw ids ``exclude`` [B, E] (``""`` pads; at most ``max_exclude``)."""
+        return self.serve(history, alpha, num_results, clusters, exclude)
 
     @tf.function(
         input_signature=[
@@ -400,6 +494,7 @@ class RetrievalModule(tf.Module):
         return {
             "serving_default": self.serving_default.get_concrete_function(),
             "retrieve": self.retrieve.get_concrete_function(),
+            "retrieve_filtered": self.retrieve_filtered.get_concrete_function(),
             "user_embedding": self.user_embedding.get_concrete_function(),
             "intent": self.intent.get_concrete_function(),
             "predict_examples": self.predict_examples.get_concrete_function(),

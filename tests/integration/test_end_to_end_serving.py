@@ -6,32 +6,21 @@ brute-force export (same alpha, same histories).
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
-import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_serving.apis import model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
-from tensorflow_serving.apis.get_model_status_pb2 import GetModelStatusRequest
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from pipeline.cli import main
 from serving.export import METADATA_DIR, METADATA_FILE
+from tests.integration.serving_process import dnc_serve
 from trainer import data, evaluation
 from trainer.train import ModelScorer, load_model
 
 USERS = 12
 M = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,40 +36,8 @@ def served(tiny_data, tmp_path_factory):
     assert main(["--log-level=WARNING"] + export) == 0
     with open(os.path.join(base, "1", METADATA_DIR, METADATA_FILE)) as f:
         alpha = float(json.load(f)["alpha"])
-    grpc_port, rest_port = _free_port(), _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "--log-level=WARNING", "serve"]
-        + [f"--port={grpc_port}", f"--rest_api_port={rest_port}", "--model_name=dnc"]
-        + [f"--model_base_path={base}", "--file_system_poll_wait_seconds=0.5"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
-    status = model_service_pb2_grpc.ModelServiceStub(channel)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            request = GetModelStatusRequest()
-            request.model_spec.name = "dnc"
-            reply = status.GetModelStatus(request, timeout=2)
-            if any(v.state == v.AVAILABLE for v in reply.model_version_status):
-                break
-        except grpc.RpcError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"server did not come up:\n{server.stdout.read()[-3000:]}")
-        time.sleep(0.5)
-    yield {
-        "model_dir": model_dir,
-        "alpha": alpha,
-        "channel": channel,
-        "rest": f"http://127.0.0.1:{rest_port}",
-    }
-    channel.close()
-    server.terminate()
-    assert server.wait(timeout=60) == 0
+    with dnc_serve(base, "dnc") as server:
+        yield {"model_dir": model_dir, "alpha": alpha, **server}
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +92,8 @@ def test_rest_predict_returns_the_same_items(served, reference):
 def test_dnc_query_prints_the_items(served, reference, capsys):
     raw, expected = reference
     history = ",".join(x for x in raw[0] if x)
-    port = served["channel"]._channel.target().decode().rsplit(":", 1)[1]
     code = main(
-        ["query", f"--server=127.0.0.1:{port}", "--model_name=dnc", f"--history={history}"]
+        ["query", f"--server={served['grpc']}", "--model_name=dnc", f"--history={history}"]
         + [f"--num_results={M}", f"--alpha={served['alpha']}"]
     )
     assert code == 0

@@ -113,6 +113,8 @@ def test_clients_retrieve(server):
         history="a,b",
         num_results=2,
         alpha=None,
+        clusters=None,
+        exclude=None,
         rest=False,
         signature_name="serving_default",
         timeout=10.0,
