@@ -3,10 +3,11 @@
 ``dnc preprocess --output``, ``dnc train --output``, ``dnc export --output`` and
 ``dnc pipeline run --root`` are run as subprocesses against paths that cannot be
 written: exit code 73 (EX_CANTCREAT), one line on stderr naming the path and the
-problem, no traceback, nothing left behind. Permission checks are skipped as
-root (root ignores modes); a path whose parent is a regular file fails for root
-too. The full-disk and read-only-file-system cases mount a small tmpfs and are
-skipped where mounting is not permitted.
+problem, no traceback, nothing left behind. As root (which ignores modes, and is
+how CI runs) the permission check drops to an unprivileged uid in a forked child;
+a path whose parent is a regular file fails for root too. The full-disk and
+read-only-file-system cases mount a small tmpfs and are skipped where mounting is
+not permitted.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Callable, Dict, Iterator, List
+import tempfile
+import traceback
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -76,19 +79,63 @@ def test_output_that_is_a_regular_file_is_refused(tmp_path, capsys, command):
     assert out.read_text() == "keep me"
 
 
-@pytest.mark.skipif(IS_ROOT, reason="root ignores permission bits")
+NOBODY = 65534  # uid and gid the permission test drops to when it runs as root
+
+
+def _in_child(fn: Callable[[], int], uid: Optional[int]) -> Tuple[int, str]:
+    """Runs ``fn`` in a forked child (as ``uid`` if given); returns its exit code and stderr.
+
+    Root ignores permission bits, and CI runs as root: dropping to an unprivileged uid in
+    a child keeps the check real there. A fork, not a new interpreter, because the
+    interpreter may live under a home directory only root can read; every module the
+    command needs is imported in the parent first.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 70
+        try:
+            os.close(read)
+            sys.stderr = os.fdopen(write, "w", buffering=1)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            code = fn()
+        except BaseException:  # noqa: BLE001  (reported through the pipe, then exit)
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_read_only_directory(tmp_path, capsys, command):
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    parent.chmod(0o500)
+def test_read_only_directory(tmp_path, command):
+    level = "--log-level=WARNING"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main([level, *COMMANDS[command](str(blocker / "o"))]) == EXIT_CANTCREAT  # imports
+    base = tempfile.mkdtemp(prefix="dnc-ro-")  # outside pytest's 0700 tmp dirs
     try:
-        out = str(parent / "out")
-        assert main(["--log-level=WARNING", *COMMANDS[command](out)]) == EXIT_CANTCREAT
-        assert "permission denied (not writable)" in capsys.readouterr().err
+        os.chmod(base, 0o755)
+        parent = os.path.join(base, "ro")
+        os.mkdir(parent, 0o555)
+        os.chmod(parent, 0o555)
+        out = os.path.join(parent, "out")
+        code, err = _in_child(
+            lambda: main([level, *COMMANDS[command](out)]), NOBODY if IS_ROOT else None
+        )
+        assert code == EXIT_CANTCREAT, err[-3000:]
+        assert "permission denied (not writable)" in err
+        assert "Traceback" not in err
         assert os.listdir(parent) == []
     finally:
-        parent.chmod(0o700)
+        shutil.rmtree(base)
 
 
 @contextlib.contextmanager

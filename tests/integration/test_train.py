@@ -10,8 +10,9 @@ import pytest
 import tensorflow as tf
 
 from pipeline.cli import main
+from pipeline.evaluator import popularity_recall
 from trainer import data, sequence_data
-from trainer.config import VARIANTS, ModelConfig, TrainConfig
+from trainer.config import VARIANTS, ModelConfig, TrainConfig, make_train_config
 from trainer.train import ModelScorer, load_model, train
 
 SMALL = ModelConfig(embedding_dim=16, max_len=10, num_blocks=1, dropout=0.0)
@@ -204,3 +205,20 @@ def test_all_position_windows_cover_every_target_once_per_epoch(tiny_data):
         assert batch[data.NEGATIVES].shape == (1, 10, 1) if data.NEGATIVES in batch else True
     assert len(targets) == data.count_training_samples(tiny_data)
     assert sequence_data.count_training_windows(tiny_data, 10) == len(list(dataset))
+
+
+@pytest.mark.parametrize("variant", ["sasrec", "dnc"])
+def test_default_regime_learns_well_beyond_popularity(tiny_data, tmp_path, variant):
+    """The default regime (small model) must learn: 2x the popularity baseline's recall.
+
+    Measured: popularity 0.107, sasrec 0.41 and dnc 0.35 at Recall@10 after 180 steps;
+    a model that learns nothing sits at or below popularity.
+    """
+    config = make_train_config(
+        tiny_data, str(tmp_path), variant, model_overrides=dict(embedding_dim=16, max_len=10,
+        num_blocks=1), epochs=6, steps_per_epoch=30, batch_size=32, eval_users=None,
+        eval_m=(10,), min_steps=0,
+    )  # fmt: skip
+    history = train(config, verbose=0).history
+    popularity = popularity_recall(tiny_data, 10)
+    assert max(e["val_recall@10"] for e in history) >= 2 * popularity, (history, popularity)
