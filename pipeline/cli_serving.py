@@ -24,17 +24,25 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=_alpha, default=None, help="default: chosen on validation")
     add_merge_argument(p)
     p.add_argument("--max-history", type=int, default=None)
+    # None = ExportConfig's default (README lists it): one definition, and no TensorFlow
+    # import to build the parser.
     p.add_argument(
         "--max-exclude",
         type=int,
-        default=100,
+        default=None,
         help="most exclude ids per request of the retrieve_filtered signature",
     )
     p.add_argument(
-        "--scann-min-size", type=int, default=1024, help="smaller clusters are searched exactly"
+        "--scann-min-size",
+        type=int,
+        default=None,
+        help="smaller clusters are searched exactly",
     )
     p.add_argument(
-        "--leaves-fraction", type=float, default=0.1, help="share of ScaNN tree leaves searched"
+        "--leaves-fraction",
+        type=float,
+        default=None,
+        help="share of ScaNN tree leaves searched",
     )
     p.set_defaults(handler=run_export)
 
@@ -64,6 +72,8 @@ def run_export(args: argparse.Namespace, extra: List[str]) -> int:
     fileio.check_output_dir(args.output)  # OutputError before any work
     from serving.export import export_model
 
+    options = ("max_exclude", "scann_min_size", "leaves_fraction")
+    index_options = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
     try:
         with fileio.output_errors(args.output):
             version_dir = export_model(
@@ -76,9 +86,7 @@ def run_export(args: argparse.Namespace, extra: List[str]) -> int:
                 alpha=args.alpha,
                 merge=args.merge,
                 max_history=args.max_history,
-                max_exclude=args.max_exclude,
-                scann_min_size=args.scann_min_size,
-                leaves_fraction=args.leaves_fraction,
+                **index_options,
             )
     except ValueError as e:
         print(f"dnc export: {e}", file=sys.stderr)

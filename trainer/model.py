@@ -145,16 +145,23 @@ class RetrievalModel(tfrs.Model):
         if self.intent_encoder_kind == "implied":
             return self.implied_intent(self._unprompted(history, training))
         if self.intent_encoder_kind == "tower" and self.variant.user_tower != "mf":
-            task = tf.fill(tf.shape(history)[:1], self.num_clusters)
-            rep = isolate(self.user_tower({"history": history, "task": task}, training=training))
+            rep = isolate(self._unprompted(history, training))
         else:
             rep = self.intent_pooling(history, self._intent_inputs(history, isolate))
         return self.intent_head(rep)
 
+    def _no_task(self, history: tf.Tensor) -> tf.Tensor:
+        """The NO_TASK prompt index (K) of every history row [B]."""
+        return tf.fill(tf.shape(history)[:1], self.num_clusters)
+
     def _unprompted(self, history: tf.Tensor, training: bool) -> tf.Tensor:
         """The NO_TASK tower output [B, d] (the plain SASRec representation)."""
-        task = tf.fill(tf.shape(history)[:1], self.num_clusters)
+        task = self._no_task(history)
         return self.user_tower({"history": history, "task": task}, training=training)
+
+    def _unprompted_sequence(self, history: tf.Tensor, training: bool) -> tf.Tensor:
+        """The NO_TASK causal tower output at every position [B, L, d]."""
+        return self.user_tower.encode_sequence(history, self._no_task(history), training=training)
 
     def implied_intent(self, unprompted: tf.Tensor) -> tf.Tensor:
         """p(k | u) [B, K] = sum over cluster k's items of ``softmax_i(h . e_i)``, for
@@ -222,8 +229,7 @@ class RetrievalModel(tfrs.Model):
             return rep * tf.cast(mask, rep.dtype)[..., None]
         valid = tf.cast(mask, tf.bool)
         if not self.conditioned:
-            task = tf.fill(tf.shape(history)[:1], self.num_clusters)
-            out = self.user_tower.encode_sequence(history, task, training=training)
+            out = self._unprompted_sequence(history, training)
             return out * tf.cast(valid, out.dtype)[..., None]
         target_cluster = tf.cast(target_cluster, tf.int32)
         if getattr(self.user_tower, "late_prompt", False):
@@ -247,13 +253,11 @@ class RetrievalModel(tfrs.Model):
         history cut after ``j`` (causal pooling, or the NO_TASK causal tower)."""
         isolate = tf.identity if self.variant.merged else tf.stop_gradient
         if self.intent_encoder_kind == "implied":
-            task = tf.fill(tf.shape(history)[:1], self.num_clusters)
-            h = self.user_tower.encode_sequence(history, task, training=training)
+            h = self._unprompted_sequence(history, training)
             p = self.implied_intent(tf.reshape(h, [-1, h.shape[-1]]))
             return tf.reshape(p, tf.concat([tf.shape(h)[:2], [self.num_clusters]], 0))
         if self.intent_encoder_kind == "tower" and self.variant.user_tower != "mf":
-            task = tf.fill(tf.shape(history)[:1], self.num_clusters)
-            rep = isolate(self.user_tower.encode_sequence(history, task, training=training))
+            rep = isolate(self._unprompted_sequence(history, training))
         else:
             rep = self.intent_pooling.call_all_positions(
                 history, self._intent_inputs(history, isolate)
@@ -347,11 +351,7 @@ class RetrievalModel(tfrs.Model):
         )
         if self.intent_weight > 0 and self.intent_encoder_kind == "implied":
             if self.variant.merged:
-                if shared is None:
-                    task = tf.fill(tf.shape(history)[:1], self.num_clusters)
-                    h = self.user_tower.encode_sequence(history, task, training=training)
-                else:
-                    h = shared[1]
+                h = self._unprompted_sequence(history, training) if shared is None else shared[1]
                 loss += self.intent_weight * self.global_head_loss(pick(h), pick(target))
         elif self.intent_weight > 0:
             if shared is None:
@@ -374,8 +374,7 @@ class RetrievalModel(tfrs.Model):
     def _gated_pass(self, history, target_cluster, mask, training):
         """Output prompts: ONE causal pass h [B, L, d]; returns (h gated at each position by
         its target's prompt, zero where masked; h)."""
-        task = tf.fill(tf.shape(history)[:1], self.num_clusters)
-        h = self.user_tower.encode_sequence(history, task, training=training)
+        h = self._unprompted_sequence(history, training)
         valid = tf.cast(tf.cast(mask, tf.bool), h.dtype)[..., None]
         clusters = tf.maximum(tf.cast(target_cluster, tf.int32), 0)
         return self.user_tower.gate_output(h, clusters) * valid, h

@@ -222,8 +222,8 @@ def early_stopping_start(min_steps: int, steps_per_epoch: int) -> int:
 def _callbacks(
     config: TrainConfig,
     items: data.ItemsTable,
-    samples_per_step: Optional[float] = None,
-    steps_per_epoch: int = 1,
+    samples_per_step: Optional[float],
+    steps_per_epoch: int,
 ) -> List[tf.keras.callbacks.Callback]:
     validation = data.evaluation_data(
         config.data,
