@@ -24,8 +24,10 @@ SMALL = ModelConfig(embedding_dim=16, max_len=10, num_blocks=1, dropout=0.0)
 USERS = 60
 # Brute force: max_history covers every tiny history, so it matches the exact path.
 BRUTE = dict(index="brute-force", max_num_results=20, default_num_results=10, max_history=100)
-# ScaNN on the ~40-item clusters: k = 10 + 20 < cluster size, so the tree is used.
-SCANN = dict(index="scann", max_num_results=10, default_num_results=10, max_history=20)
+# ScaNN on the ~40-item clusters: k = 10 + 20 (+ no exclusions) < cluster size, so the
+# tree is used.
+SCANN = dict(index="scann", max_num_results=10, default_num_results=10, max_history=20,
+             max_exclude=0)  # fmt: skip
 
 
 def _train(tiny_data, output, variant, steps=5):
@@ -234,13 +236,15 @@ def test_metadata_describes_the_export(tiny_data, exported):
     assert sum(meta["cluster_sizes"]) == items.num_items
     assert meta["index"]["kind"] == "scann"
     for size, plan in zip(meta["cluster_sizes"], meta["index"]["plans"], strict=True):
-        # k = max_num_results + max_history = 30; clusters it covers are searched exactly.
+        # k = max_num_results + max_history + max_exclude = 30; clusters it covers are
+        # searched exactly.
         assert plan["k"] == min(30, size) and plan["size"] == size
         assert plan["kind"] == ("scann" if size > 30 else "brute-force")
         if plan["kind"] == "scann":
             assert 1 <= plan["num_leaves_to_search"] <= plan["num_leaves"]
     assert any(p["kind"] == "scann" for p in meta["index"]["plans"])
     assert meta["max_num_results"] == 10 and meta["max_history"] == 20 and meta["version"] == 2
+    assert meta["max_exclude"] == 0
     assert len(meta["data_fingerprint"]) == 64
     assert "val_recall@5" in meta["validation_metrics"]
     assert meta["exported_at"] and float(meta["alpha"]) == exported["alpha"]

@@ -113,6 +113,7 @@ def test_brute_force_export_uses_only_stock_tensorflow_ops(exported, tmp_path):
         max_num_results=10,
         default_num_results=10,
         max_history=20,
+        max_exclude=0,  # k = 30 < the ~40-item clusters: ScaNN trees, not brute force
         alpha=1.0,
         scann_min_size=16,
     )
