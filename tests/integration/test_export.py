@@ -30,17 +30,12 @@ SCANN = dict(index="scann", max_num_results=10, default_num_results=10, max_hist
              max_exclude=0)  # fmt: skip
 
 
-def _train(tiny_data, output, variant, steps=5):
+def _train(tiny_data, output, variant, steps=5, **overrides):
+    """Trains a tiny model for ``steps`` steps (``overrides``: other TrainConfig fields)."""
+    settings = dict(model=SMALL, epochs=1, batch_size=32, eval_users=40, eval_m=(5, 10))
+    settings.update(overrides)
     config = TrainConfig(
-        data=tiny_data,
-        output=str(output),
-        variant=variant,
-        model=SMALL,
-        epochs=1,
-        batch_size=32,
-        steps_per_epoch=steps,
-        eval_users=40,
-        eval_m=(5, 10),
+        data=tiny_data, output=str(output), variant=variant, steps_per_epoch=steps, **settings
     )
     train(config, verbose=0)
     return str(output)
@@ -315,31 +310,27 @@ def test_plain_variant_serves_the_global_top_m(tiny_data, tmp_path, requests):
 
 def test_implied_intent_export_matches_the_exact_evaluation_path(tiny_data, requests, tmp_path):
     """Output prompts + the implied intent (a global softmax head) in the graph = evaluation."""
-    config = TrainConfig(
-        data=tiny_data,
-        output=str(tmp_path / "model"),
-        variant="dnc",
+    model_dir = _train(
+        tiny_data,
+        tmp_path / "model",
+        "dnc",
+        steps=4,
         model=dataclasses.replace(SMALL, prompt_position="output"),
         training="all-positions",
         loss="sampled-softmax",
         num_negatives=8,
         intent_encoder="implied",
         intent_weight=1.0,
-        epochs=1,
         batch_size=16,
-        steps_per_epoch=4,
-        eval_users=40,
-        eval_m=(5, 10),
     )
-    train(config, verbose=0)
-    path = export_model(config.output, tiny_data, str(tmp_path / "dnc"), merge="score", alpha=1.0,
+    path = export_model(model_dir, tiny_data, str(tmp_path / "dnc"), merge="score", alpha=1.0,
                         **BRUTE)  # fmt: skip
     m = BRUTE["max_num_results"]
     out = _serve(load_exported(path), requests["raw"], 1.0, m)
     _check_lists(out, requests["raw"], m)
     served = _to_model_ids(requests["items"], out["item_ids"])
     reference = _reference(
-        tiny_data, {"model_dir": config.output}, requests, m, BRUTE["max_history"],
+        tiny_data, {"model_dir": model_dir}, requests, m, BRUTE["max_history"],
         merge="score", alpha=1.0,
     )  # fmt: skip
     np.testing.assert_array_equal(served, reference)

@@ -23,13 +23,11 @@ import pytest
 import tensorflow as tf
 
 from serving.export import export_model, load_exported
+from tests.integration.test_export import _train
 from trainer import data
-from trainer.config import ModelConfig, TrainConfig
-from trainer.train import train
 
 BINARY_NAME = "tensorflow_model_server"
 MODEL_NAME = "dnc"
-SMALL = ModelConfig(embedding_dim=16, max_len=10, num_blocks=1, dropout=0.0)
 BRUTE = dict(
     index="brute-force", max_num_results=20, default_num_results=10, max_history=20, alpha=1.0
 )
@@ -54,19 +52,7 @@ def _binary() -> str:
 def exported(tiny_data, tmp_path_factory) -> Dict[str, str]:
     """A tiny dnc model trained for a few steps and exported with brute force (version 1)."""
     root = tmp_path_factory.mktemp("tf_model_server")
-    model_dir = str(root / "model")
-    config = TrainConfig(
-        data=tiny_data,
-        output=model_dir,
-        variant="dnc",
-        model=SMALL,
-        epochs=1,
-        batch_size=32,
-        steps_per_epoch=3,
-        eval_users=20,
-        eval_m=(5,),
-    )
-    train(config, verbose=0)
+    model_dir = _train(tiny_data, root / "model", "dnc", steps=3, eval_users=20, eval_m=(5,))
     base = str(root / "models")
     output = os.path.join(base, MODEL_NAME)
     version = export_model(model_dir, tiny_data, output, **BRUTE)
