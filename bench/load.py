@@ -46,6 +46,8 @@ if ROOT not in sys.path:
 import dnc_env  # noqa: E402,F401  (tf-keras before tensorflow)
 from bench import loadgen, report_load  # noqa: E402
 from bench import serving as serving_bench  # noqa: E402
+from preprocessing.errors import EXIT_USAGE  # noqa: E402
+from serving.index_kinds import INDEX_KINDS  # noqa: E402
 
 SCENARIOS = ("load", "soak", "kill")
 MODEL_NAME = "dnc"
@@ -386,7 +388,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-history-len", type=int, default=200)
     p.add_argument("--items", type=int, default=20000, help="synthetic model / source items")
     p.add_argument("--clusters", type=int, default=10, help="synthetic model / source K")
-    p.add_argument("--index", choices=("scann", "brute-force"), default="scann")
+    p.add_argument("--index", choices=INDEX_KINDS, default="scann")
     p.add_argument("--synthetic-users", type=int, default=2000)
     p.add_argument("--synthetic-mean-length", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
@@ -408,7 +410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parse_args(argv)
     except ValueError as e:
         print(f"load: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     load_average = [round(x, 2) for x in os.getloadavg()]
     work = tempfile.mkdtemp(prefix="dnc-load-")
     try:

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import TYPE_CHECKING, List
 
+from preprocessing.errors import EXIT_USAGE
+
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
 
@@ -50,7 +52,7 @@ def run_command(args: argparse.Namespace, extra: List[str]) -> int:
         config = _config(args)
     except (ValueError, OSError) as e:
         print(f"dnc pipeline run: invalid configuration: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from preprocessing import fileio
 
     writable = check_writable(config)  # OutputError before any work
@@ -99,7 +101,7 @@ def compile_command(args: argparse.Namespace, extra: List[str]) -> int:
         config = _config(args)
     except (ValueError, OSError) as e:
         print(f"dnc pipeline compile: invalid configuration: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     order = compile_kfp(config, args.kfp)
     print(f"compiled {len(order)} steps to {args.kfp}: {' -> '.join(order)}")
     return 0

@@ -24,11 +24,11 @@ from preprocessing.config import (
     ClusteringConfig,
     SyntheticConfig,
 )
+from serving.index_kinds import INDEX_KINDS
 from trainer import knobs
 from trainer.config import PRESETS, VARIANTS, ModelConfig, TrainConfig
 
 ANOMALY_POLICIES = ("warn", "fail")
-INDEX_KINDS = ("scann", "brute-force")
 BEST = "best"  # serving.variant: the servable variant with the best validation recall
 
 # The embedded demo's training settings (``dnc pipeline run`` without --config): a small,

@@ -25,6 +25,7 @@ import numpy as np
 from pipeline.config import BEST, EvaluatorSection, servable
 from preprocessing import features
 from trainer import data, evaluation
+from trainer.alpha import alpha_from_json
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def _evaluate(model_dir: str, data_dir: str, section: EvaluatorSection) -> Dict[
         model_dir,
         data_dir,
         section.m,
-        float(alpha) if alpha != "inf" else float("inf"),
+        alpha_from_json(alpha),
         report.get("merge") or "quota",
     )
     return report
@@ -182,7 +183,7 @@ def exported_recall(version_dir: str, data_dir: str, m: int) -> float:
     items = data.load_items(data_dir)
     held_out = data.evaluation_data(data_dir, features.VALIDATION, max_len=1)
     ids = np.concatenate([[features.PADDING_ITEM_ID], items.item_ids]).astype(object)
-    alpha = float(meta.get("alpha", 0.0))  # float("inf") parses "inf"
+    alpha = alpha_from_json(meta.get("alpha", 0.0))
     hits = 0
     for start in range(0, len(held_out.targets), 256):
         rows = held_out.exclude[start : start + 256]  # the full histories, oldest first

@@ -6,12 +6,19 @@ instead of deep inside the clustering or TFT. Runners re-raise a worker's
 exception either as itself (in-process DirectRunner, possibly with Beam's
 ``[while running ...]`` suffix) or as text inside another exception
 (multi-processing, remote runners); ``find_empty_data_error`` recovers it from both.
+
+``EXIT_USAGE`` and ``EXIT_CANTCREAT`` are the exit codes of every ``dnc`` command for
+these errors and for an output path that cannot be written (``fileio.OutputError``).
 """
 
 from __future__ import annotations
 
 import re
 from typing import Optional
+
+# Exit codes of every ``dnc`` command (one definition: the packages' CLIs import them here).
+EXIT_USAGE = 2  # usage, input and empty-data errors
+EXIT_CANTCREAT = 73  # an output path cannot be written (sysexits.h EX_CANTCREAT)
 
 _IN_TEXT = re.compile(r"EmptyDataError: (?P<message>[^\n]*?)(?: \[while running [^\]]*\])*$", re.M)
 _BEAM_SUFFIX = re.compile(r"( \[while running [^\]]*\])+$")
@@ -20,7 +27,7 @@ _BEAM_SUFFIX = re.compile(r"( \[while running [^\]]*\])+$")
 class EmptyDataError(ValueError):
     """No usable data is left (after validation, the min-count filters or the split).
 
-    The CLI prints the message and exits with code 2, like an ``InputError``.
+    The CLI prints the message and exits with ``EXIT_USAGE`` (2), like an ``InputError``.
     """
 
 

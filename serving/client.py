@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO, Union
 
 import numpy as np
 
+from preprocessing.errors import EXIT_USAGE
+
 log = logging.getLogger("dnc.serving")
 
 RETRIEVE_SIGNATURE = "retrieve"
@@ -317,12 +319,12 @@ def run_query(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
     history = _id_list(args.history)
     if not history:
         log.error("query: --history has no item ids")
-        return 2
+        return EXIT_USAGE
     try:
         clusters = None if args.clusters is None else [int(c) for c in _id_list(args.clusters)]
     except ValueError:
         log.error("query: --clusters must be comma-separated integers, got %r", args.clusters)
-        return 2
+        return EXIT_USAGE
     exclude = None if args.exclude is None else _id_list(args.exclude)
     request = (args.num_results, args.alpha, clusters, exclude)
     try:

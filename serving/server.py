@@ -20,6 +20,7 @@ import threading
 from concurrent import futures
 from typing import Any, List, Optional, Sequence
 
+from preprocessing.errors import EXIT_USAGE
 from serving.limits import (
     DEFAULT_MAX_HISTORY_LENGTH,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -258,7 +259,7 @@ def run_serve(args: argparse.Namespace) -> int:
         models = model_configs_from_args(args)
     except (OSError, ValueError) as e:
         log.error("serve: %s", e)
-        return 2
+        return EXIT_USAGE
     rest_port = args.rest_api_port or None
     try:
         server = Server(
@@ -275,7 +276,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as e:
         log.error("serve: %s", e)
-        return 2
+        return EXIT_USAGE
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Any, Dict, Optional, Sequence
 
 from preprocessing import features
 from trainer import data, evaluation
+from trainer.alpha import alpha_to_json
 from trainer.config import get_variant
 from trainer.train import ModelScorer, load_model
 
 log = logging.getLogger(__name__)
 
 ALPHA_GRID = evaluation.DEFAULT_ALPHA_GRID
-
-
-def _json_alpha(alpha: float) -> Any:
-    return "inf" if math.isinf(alpha) else alpha
 
 
 def evaluate_model(
@@ -100,7 +96,7 @@ def evaluate_model(
         "variant": config.variant,
         "loss": config.loss,
         "split": split,
-        "alpha": _json_alpha(alpha),
+        "alpha": alpha_to_json(alpha),
         "alpha_selection": None if selection is None else selection.to_json(),
         "merge": merge,
         "table": result.format_table(),

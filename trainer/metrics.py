@@ -9,11 +9,11 @@ results never depend on how users are batched.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from trainer.alpha import alpha_label, alpha_to_json
 from trainer.config import PAD_ID
 
 
@@ -205,7 +205,7 @@ class EvaluationResult:
         out["intent_top1"] = self.intent_top1
         out["intent_top3"] = self.intent_top3
         alpha = self.alpha
-        out["alpha"] = "inf" if alpha is not None and math.isinf(alpha) else alpha
+        out["alpha"] = alpha_to_json(alpha)
         out["merged"] = self.merged
         out["merge"] = self.merge
         out["users"] = self.users
@@ -251,14 +251,10 @@ class AlphaSelection:
 
     def to_json(self) -> Dict[str, object]:
         """Flat JSON-safe dict (infinite alphas written ``"inf"``)."""
-
-        def key(a: float) -> str:
-            return "inf" if math.isinf(a) else f"{a:g}"
-
         out: Dict[str, object] = {
-            f"recall@{self.m}[alpha={key(a)}]": r for a, r in self.recalls.items()
+            f"recall@{self.m}[alpha={alpha_label(a)}]": r for a, r in self.recalls.items()
         }
-        out.update({"alpha": key(self.alpha), "m": self.m, "users": self.users})
+        out.update({"alpha": alpha_label(self.alpha), "m": self.m, "users": self.users})
         return out
 
     def format_table(self) -> str:
@@ -268,10 +264,6 @@ class AlphaSelection:
             mark = " *" if a == self.alpha else ""
             lines.append(f"{a:>8g}  {r:.4f}{mark}")
         return "\n".join(lines)
-
-
-def _alpha_key(a: float) -> str:
-    return "inf" if math.isinf(a) else f"{a:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,9 +290,14 @@ class MergeSelection:
         out: Dict[str, object] = {}
         for (merge, a), r in self.recalls.items():
             tag = "" if merge == "quota" else f"{merge},"
-            out[f"recall@{self.m}[{tag}alpha={_alpha_key(a)}]"] = r
+            out[f"recall@{self.m}[{tag}alpha={alpha_label(a)}]"] = r
         out.update(
-            {"merge": self.merge, "alpha": _alpha_key(self.alpha), "m": self.m, "users": self.users}
+            {
+                "merge": self.merge,
+                "alpha": alpha_label(self.alpha),
+                "m": self.m,
+                "users": self.users,
+            }
         )
         return out
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
 from pipeline.components.base import Component, Output
 from pipeline.config import EvaluatorSection, ServingSection, TrainerSection, to_dict
 from pipeline.metadata import ArtifactRef, Metadata
+from trainer.alpha import alpha_to_json
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class Pusher(Component):
             if self.merge is not None:
                 same = same and metadata.get("merge") == self.merge
             if self.alpha is not None:
-                alpha = "inf" if math.isinf(self.alpha) else float(self.alpha)
+                alpha = alpha_to_json(float(self.alpha))
                 same = same and metadata.get("alpha") == alpha
         return latest if same else None
 

@@ -23,8 +23,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from pipeline.cli import EXIT_CANTCREAT, EXIT_USAGE, main
+from pipeline.cli import main
 from preprocessing import fileio
+from preprocessing.errors import EXIT_CANTCREAT, EXIT_USAGE
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
 ML1M = os.path.join(REPO, "tests", "fixtures", "ml1m")

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser
-from pipeline.cli_trainer import train_config
 from pipeline.config import ModelSection, PipelineConfig, TrainerSection, from_dict, load_config
 from trainer import knobs
+from trainer.cli import train_config
 from trainer.config import VARIANTS, make_train_config
 
 BASE = ["train", "--data", "d", "--output", "o"]

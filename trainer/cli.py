@@ -1,4 +1,9 @@
-"""``dnc train`` and ``dnc evaluate`` sub-commands."""
+"""``dnc train`` and ``dnc evaluate``: their arguments and handlers.
+
+``parse_alpha`` and ``add_merge_argument`` are also the ``--alpha`` and ``--merge`` of
+``dnc export`` (``serving.cli``). TensorFlow is imported only when a command runs (or a
+``--merge`` is given).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import math
 import sys
 from typing import List, Optional
 
+from preprocessing.errors import EXIT_USAGE
 from trainer.config import PRESETS, VARIANTS, TrainConfig
 
 log = logging.getLogger("dnc")
@@ -25,7 +31,8 @@ def _int_list(value: str) -> tuple:
     return values
 
 
-def _alpha(value: str) -> float:
+def parse_alpha(value: str) -> float:
+    """``--alpha``: a number >= 0, or ``inf``/``infinity`` (argparse type)."""
     alpha = math.inf if value.lower() in ("inf", "infinity") else float(value)
     if math.isnan(alpha) or alpha < 0:
         raise argparse.ArgumentTypeError(f"alpha must be >= 0 or inf, got {value!r}")
@@ -93,7 +100,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--m", type=_int_list, default=(20, 50), help="list sizes, e.g. 20,50")
-    p.add_argument("--alpha", type=_alpha, default=None, help="default: chosen on validation")
+    p.add_argument("--alpha", type=parse_alpha, default=None, help="default: chosen on validation")
     add_merge_argument(p)
     p.add_argument("--split", default="test", choices=("test", "validation"))
     p.add_argument("--json", default=None, help="write the results here")
@@ -115,7 +122,7 @@ def run_train(args: argparse.Namespace, extra: List[str]) -> int:
         config = train_config(args)
     except ValueError as e:
         print(f"dnc train: invalid configuration: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     log.info("effective config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
     from preprocessing import fileio
 

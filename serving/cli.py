@@ -1,4 +1,8 @@
-"""``dnc export``, ``dnc serve`` and ``dnc query`` sub-commands."""
+"""``dnc export``, ``dnc serve`` and ``dnc query``: their arguments and handlers.
+
+The serve and query flags are ``serving.server``'s and ``serving.client``'s own (as
+tensorflow_model_server's); TensorFlow is imported only when a command runs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import logging
 import sys
 from typing import List
 
-from pipeline.cli_trainer import _alpha, add_merge_argument
+from preprocessing.errors import EXIT_USAGE
+from serving.index_kinds import INDEX_KINDS
+from trainer.cli import add_merge_argument, parse_alpha
 
 log = logging.getLogger("dnc")
 
@@ -18,10 +24,10 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="dnc train --output")
     p.add_argument("--data", required=True, help="the preprocessing output it was trained on")
     p.add_argument("--output", required=True, help="BASE/NAME; writes BASE/NAME/<version>")
-    p.add_argument("--index", default="scann", choices=("scann", "brute-force"))
+    p.add_argument("--index", default="scann", choices=INDEX_KINDS)
     p.add_argument("--max-num-results", type=int, default=200)
     p.add_argument("--num-results", type=int, default=50, help="M of serving_default")
-    p.add_argument("--alpha", type=_alpha, default=None, help="default: chosen on validation")
+    p.add_argument("--alpha", type=parse_alpha, default=None, help="default: chosen on validation")
     add_merge_argument(p)
     p.add_argument("--max-history", type=int, default=None)
     # None = ExportConfig's default (README lists it): one definition, and no TensorFlow
@@ -90,7 +96,7 @@ def run_export(args: argparse.Namespace, extra: List[str]) -> int:
             )
     except ValueError as e:
         print(f"dnc export: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(f"exported {args.index} model -> {version_dir}")
     return 0
 
