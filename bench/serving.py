@@ -216,8 +216,10 @@ def export_synthetic(
     index: str,
     output: str,
     args: argparse.Namespace,
+    per_cluster_k: bool = True,
 ) -> Dict[str, Any]:
-    """Builds the ``RetrievalModule`` over ``data`` and saves it to ``output``.
+    """Builds the ``RetrievalModule`` over ``data`` and saves it to ``output``
+    (``per_cluster_k=False``: the fixed-k reference path).
 
     Returns build / save seconds, the plans and the SavedModel size.
     """
@@ -249,6 +251,7 @@ def export_synthetic(
         default_num_results=args.num_results,
         alpha=args.alpha,
         max_history=args.max_history,
+        per_cluster_k=per_cluster_k,
     )
     build_seconds = time.monotonic() - start
     start = time.monotonic()
@@ -293,35 +296,46 @@ def summarize(latencies: Sequence[float], wall: float) -> Dict[str, Any]:
 
 
 def run_in_process(
-    path: str, histories: Sequence[np.ndarray], count: int, warmup: int, limit: float
-) -> Tuple[Dict[str, Any], List[List[bytes]]]:
-    """Latency of the loaded ``serving_default`` signature; returns stats and item lists."""
+    paths: Sequence[str], histories: Sequence[np.ndarray], count: int, warmup: int, limit: float
+) -> List[Tuple[Dict[str, Any], List[List[bytes]]]]:
+    """Latency of the loaded ``serving_default`` signature of each SavedModel, requests
+    interleaved across them (so that their ratio shares the machine's load); returns
+    (stats, item lists) per path."""
     import tensorflow as tf
 
     from serving.export import load_exported
 
-    start = time.monotonic()
-    loaded = load_exported(path)
-    load_seconds = time.monotonic() - start
-    fn = loaded.signatures["serving_default"]
-    for i in range(warmup):
-        fn(history=tf.constant(histories[i % len(histories)]))
-    latencies, lists = [], []
+    loaded, load_seconds = [], []
+    for path in paths:
+        start = time.monotonic()
+        loaded.append(load_exported(path))
+        load_seconds.append(time.monotonic() - start)
+    fns = [model.signatures["serving_default"] for model in loaded]
+    for fn in fns:
+        for i in range(warmup):
+            fn(history=tf.constant(histories[i % len(histories)]))
+    latencies: List[List[float]] = [[] for _ in fns]
+    lists: List[List[List[bytes]]] = [[] for _ in fns]
     begin = time.monotonic()
     for i in range(count):
         if time.monotonic() - begin > limit:
             break
-        t0 = time.perf_counter()
-        out = fn(history=tf.constant(histories[i % len(histories)]))
-        ids = out["item_ids"].numpy()
-        latencies.append(time.perf_counter() - t0)
-        if i < len(histories):
-            lists.append(ids[0].tolist())
-    stats = summarize(latencies, time.monotonic() - begin)
-    stats["load_seconds"] = round(load_seconds, 2)
-    del loaded, fn
+        for j, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            out = fn(history=tf.constant(histories[i % len(histories)]))
+            ids = out["item_ids"].numpy()
+            latencies[j].append(time.perf_counter() - t0)
+            if i < len(histories):
+                lists[j].append(ids[0].tolist())
+    wall = time.monotonic() - begin
+    results = []
+    for j in range(len(fns)):
+        stats = summarize(latencies[j], wall)
+        stats["load_seconds"] = round(load_seconds[j], 2)
+        results.append((stats, lists[j]))
+    del loaded, fns
     gc.collect()
-    return stats, lists
+    return results
 
 
 class ChildServer:
@@ -531,9 +545,11 @@ def markdown(report: Dict[str, Any]) -> str:
         "",
         f"Synthetic model: K={s['clusters']} clusters, d={s['dim']}, uneven cluster sizes, "
         f"item noise std {s['noise']} ({noise}); "
-        f"`serving_default` (M={s['num_results']}), each index returns "
-        f"k = max_num_results + max_history = {s['max_num_results'] + s['max_history']} "
-        f"candidates; histories of {s['min_history']}-{s['max_history_len']} items.",
+        f"`serving_default` (M={s['num_results']}), each index is asked for M plus the "
+        f"history items in its cluster (per-cluster k; the fixed-k reference path asks "
+        f"every index for max_num_results + max_history = "
+        f"{s['max_num_results'] + s['max_history']}); histories of "
+        f"{s['min_history']}-{s['max_history_len']} items.",
         f"In-process / sequential gRPC: {s['sequential']} requests; concurrent: "
         f"{s['concurrency']} clients x {s['per_client']} requests (each phase capped at "
         f"{s['phase_seconds']} s). gRPC server: `serving.server.Server` in a child process.",
@@ -543,6 +559,7 @@ def markdown(report: Dict[str, Any]) -> str:
         f"| {s['concurrency']}-client QPS | recall@{s['num_results']} vs BF |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    fixed = [r for r in report["results"] if "in_process_fixed_k" in r]
     for r in report["results"]:
         ip, sq, cc = r.get("in_process", {}), r.get("sequential", {}), r.get("concurrent", {})
         lines.append(
@@ -552,6 +569,25 @@ def markdown(report: Dict[str, Any]) -> str:
             f"| {_fmt(cc.get('p50_ms'))} | {_fmt(cc.get('p99_ms'))} | {_fmt(cc.get('qps'))} "
             f"| {_fmt(r.get('recall_vs_brute_force'))} |"
         )
+    if fixed:
+        lines += [
+            "",
+            "Per-cluster k against the fixed-k path, in-process, requests interleaved (the "
+            "fixed-k ScaNN module is a second build, and ScaNN trains its partitions at "
+            "random, so its lists may differ a little; the exact equality of the two paths "
+            "is tested on one build in tests/integration/test_per_cluster_k.py):",
+            "",
+            "| items | index | fixed-k p50 | fixed-k p99 | per-cluster p50 | per-cluster p99 "
+            "| speed-up p50 | overlap with fixed-k lists |",
+            "|---:|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in fixed:
+            a, b = r["in_process_fixed_k"], r["in_process"]
+            lines.append(
+                f"| {r['items']:,} | {r['index']} | {_fmt(a.get('p50_ms'))} "
+                f"| {_fmt(a.get('p99_ms'))} | {_fmt(b.get('p50_ms'))} | {_fmt(b.get('p99_ms'))} "
+                f"| {_fmt(r['per_cluster_k_speedup_p50'])} | {_fmt(r['overlap_with_fixed_k'])} |"
+            )
     lines += [
         "",
         "Latencies in ms (client side for gRPC, including proto conversion). Recall: share "
@@ -625,6 +661,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--phase-seconds", type=float, default=120.0, help="cap of every phase")
     p.add_argument("--start-timeout", type=float, default=600.0, help="server start limit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-fixed-k-reference",
+        dest="fixed_k_reference",
+        action="store_false",
+        help="skip the in-process timing of the fixed-k path (interleaved with per-cluster k)",
+    )
     p.add_argument("--workdir", default=None, help="keep the SavedModels here (default: temp)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "serving"))
     args = p.parse_args(argv)
@@ -673,10 +715,24 @@ def benchmark_size(size: int, args: argparse.Namespace, work: str, report: Dict[
         print(f"[{size:,} items] {kind}: building and saving", flush=True)
         row.update(export_synthetic(data, ids, kind, os.path.join(base, "1"), args))
         print(f"[{size:,} items] {kind}: built in {row['build_seconds']} s", flush=True)
-        row["in_process"], lists_ip = run_in_process(
-            os.path.join(base, "1"), histories, args.sequential, args.warmup, args.phase_seconds
-        )
+        paths = [os.path.join(base, "1")]
+        if args.fixed_k_reference:
+            fixed = os.path.join(work, f"n{size}", f"{name}_fixed_k", "1")
+            export_synthetic(data, ids, kind, fixed, args, per_cluster_k=False)
+            paths.append(fixed)
+        timed = run_in_process(paths, histories, args.sequential, args.warmup, args.phase_seconds)
+        row["in_process"], lists_ip = timed[0]
         print(f"[{size:,} items] {kind}: in-process {row['in_process']}", flush=True)
+        if args.fixed_k_reference:
+            row["in_process_fixed_k"], lists_fixed = timed[1]
+            # Each build trains its own ScaNN partitions (randomly), so ScaNN lists of two
+            # builds can differ; brute force must give the same lists (overlap 1.0).
+            row["overlap_with_fixed_k"] = recall(lists_ip, lists_fixed)
+            row["per_cluster_k_speedup_p50"] = round(
+                row["in_process_fixed_k"]["p50_ms"] / row["in_process"]["p50_ms"], 2
+            )
+            print(f"[{size:,} items] {kind}: fixed k {row['in_process_fixed_k']}", flush=True)
+            shutil.rmtree(os.path.dirname(fixed), ignore_errors=True)
         server = ChildServer(base, name, args.start_timeout)
         try:
             target = f"127.0.0.1:{server.port}"

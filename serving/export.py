@@ -43,20 +43,21 @@ import errno
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
 from preprocessing import features, fileio
+from serving.index_kinds import INDEX_KINDS
 from serving.model_config import METADATA_DIR, METADATA_FILE
-from serving.retrieval_module import INDEX_KINDS, RetrievalModule, check_alpha, index_plan
+from serving.retrieval_module import RetrievalModule, check_alpha, index_plan
 from trainer import data, evaluation
+from trainer.alpha import alpha_to_json
 from trainer.config import get_variant
 from trainer.score_merge import check_merge
 from trainer.train import MODEL_JSON, MODEL_SUBDIR, ModelScorer, load_model
@@ -154,10 +155,6 @@ def data_fingerprint(data_dir: str) -> str:
     return digest.hexdigest()
 
 
-def _json_float(x: float) -> Any:
-    return "inf" if math.isinf(x) else x
-
-
 def _validation_metrics(model_dir: str) -> Dict[str, Any]:
     """The val_* logs of the best epoch (by the first val_recall) of ``model.json``."""
     if os.path.isdir(os.path.join(model_dir, MODEL_SUBDIR)):
@@ -229,6 +226,16 @@ def _build_model(model, max_len: int, num_clusters: int) -> None:
 
 def export(cfg: ExportConfig) -> str:
     """Exports ``cfg.model_dir``; returns the new version directory (see module docstring)."""
+    return _write(*build_module(cfg), cfg.output)
+
+
+def build_module(
+    cfg: ExportConfig, per_cluster_k: bool = True
+) -> Tuple[RetrievalModule, Dict[str, Any]]:
+    """The serving module of ``cfg.model_dir`` and its metadata, not yet written.
+
+    ``per_cluster_k=False`` builds the fixed-k reference path (``RetrievalModule``).
+    """
     model, train_config = load_model(cfg.model_dir, cfg.data_dir)
     variant = get_variant(train_config.variant)
     if variant.user_tower == "mf":
@@ -259,6 +266,7 @@ def export(cfg: ExportConfig) -> str:
         max_history=cfg.max_history,
         merge=merge,
         max_exclude=cfg.max_exclude,
+        per_cluster_k=per_cluster_k,
     )
     metadata = {
         "variant": variant.name,
@@ -271,7 +279,7 @@ def export(cfg: ExportConfig) -> str:
         "embedding_dim": train_config.model.embedding_dim,
         "max_len": max_len,
         "index": {"kind": cfg.index, "scann_min_size": cfg.scann_min_size, "plans": plans},
-        "alpha": _json_float(alpha),
+        "alpha": alpha_to_json(alpha),
         "alpha_selected_on_validation": variant.merged and cfg.alpha is None,
         "merge": merge,
         "merge_selected_on_validation": variant.merged and cfg.merge is None,
@@ -285,7 +293,7 @@ def export(cfg: ExportConfig) -> str:
         "validation_metrics": _validation_metrics(cfg.model_dir),
         "exported_at": datetime.datetime.now(datetime.UTC).isoformat(),
     }
-    return _write(module, metadata, cfg.output)
+    return module, metadata
 
 
 def _write(module: RetrievalModule, metadata: Dict[str, Any], output: str) -> str:

@@ -17,12 +17,16 @@ History handling of one request (``history`` [B, n] raw ids, oldest first):
 
 * Unknown ids and ``""`` are dropped; the last ``max_len`` known items, right-aligned,
   feed the towers (the trainer's convention).
-* The last ``max_history`` known items are excluded from the results. Every index
-  retrieves ``k = min(max_num_results + max_history, cluster size)`` candidates, so
-  dropping at most ``max_history`` of them still leaves ``max_num_results`` (or the
-  whole cluster). The capacity of cluster c is the number of valid candidates that
-  survive (``cluster size - history items in c`` for an exact index); ScaNN slots it
-  could not fill (NaN scores) are not counted.
+* The last ``max_history`` known items are excluded from the results. Each cluster's
+  index is asked, at call time, for ``k_c = min(num_results + h_c, cluster size)``
+  candidates, where ``h_c`` is the most excluded items (history and ``exclude``) any row
+  of the batch has in cluster c: dropping them still leaves ``num_results`` (or the whole
+  cluster), and no cluster can contribute more than that to the merge. The lists are then
+  cut to a static ``max_num_results`` for the merge. The result equals the fixed-k path
+  (``per_cluster_k=False``: every index returns ``max_num_results + max_history +
+  max_exclude``), tested item for item. The capacity of cluster c is the number of
+  valid candidates that survive (``cluster size - history items in c`` for an exact
+  index); ScaNN slots it could not fill (NaN scores) are not counted.
 
 ``retrieve_filtered`` adds two per-request filters (TFRS users' category-restricted
 retrieval and exclusion lists): ``clusters`` keeps only the given clusters (their
@@ -46,11 +50,10 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from preprocessing import features, transform
+from serving.index_kinds import INDEX_KINDS
 from trainer.config import PAD_ID
 from trainer.quotas import compute_quotas_tf, merge_per_cluster_tf
 from trainer.score_merge import check_merge, log_partition_tf, score_merge_tf
-
-INDEX_KINDS = ("scann", "brute-force")
 
 
 def index_plan(
@@ -190,6 +193,8 @@ class RetrievalModule(tf.Module):
         merge: ``quota`` or ``score`` (see the module docstring); plain variants ignore it.
         max_exclude: most ``exclude`` ids per row of ``retrieve_filtered``; the plans' k
             must include it (``max_num_results + max_history + max_exclude``).
+        per_cluster_k: ask each index for the candidates the request can use (see the
+            module docstring); False returns every plan's fixed k (the reference path).
     """
 
     def __init__(
@@ -205,11 +210,13 @@ class RetrievalModule(tf.Module):
         max_history: int,
         merge: str = "quota",
         max_exclude: int = 0,
+        per_cluster_k: bool = True,
     ) -> None:
         super().__init__(name="dnc_retrieval")
         if max_exclude < 0:
             raise ValueError(f"max_exclude must be >= 0, got {max_exclude}")
         self.max_exclude = int(max_exclude)
+        self.per_cluster_k = bool(per_cluster_k)
         self.merge = check_merge(merge)
         self.model = model
         self.merged = bool(model.variant.merged)
@@ -240,6 +247,10 @@ class RetrievalModule(tf.Module):
                 continue
             self.indexes.append(build_index(plan, embeddings[rows], ids[rows], f"index_{c}"))
         self.k_max = max(int(p["k"]) for p in plans)
+        self.index_sizes = [int(rows.size) for rows in groups]
+        # Static width of the per-cluster lists the merge reads: no cluster contributes
+        # more than num_results <= max_num_results items.
+        self.width = min(self.k_max, self.max_num_results) if self.per_cluster_k else self.k_max
         self.cluster_tables: List[Optional[tf.Variable]] = []
         if self.merged and self.merge == "score":
             position = np.zeros(len(cluster), np.int32)
@@ -267,15 +278,25 @@ class RetrievalModule(tf.Module):
     def _user(self, tower: tf.Tensor, task: tf.Tensor) -> tf.Tensor:
         return self.model.user_embedding(tower, task, training=False)
 
-    def _candidates(self, index, query: tf.Tensor, seen: tf.Tensor):
-        """(scores, model ids) [B, k_max] of one index: history and empty slots -> -inf / 0."""
+    def _request_k(self, size: int, blocked_here: tf.Tensor, num_results: tf.Tensor):
+        """Candidates to ask an index of ``size`` items for: ``num_results`` plus the most
+        excluded items any row has in it (``blocked_here`` [B]), at least 1, at most size."""
+        if not self.per_cluster_k:
+            return None
+        most = tf.reduce_max(tf.concat([blocked_here, [0]], axis=0))
+        return tf.clip_by_value(num_results + most, 1, size)
+
+    def _candidates(self, index, query: tf.Tensor, seen: tf.Tensor, k=None, width=None):
+        """(scores, model ids) [B, width] of one index (``k`` candidates asked; None: the
+        plan's): excluded and empty slots -> -inf / PAD_ID, valid candidates first."""
         b = tf.shape(query)[0]
+        width = self.width if width is None else width
         if index is None:
             return (
-                tf.fill([b, self.k_max], tf.constant(-np.inf, tf.float32)),
-                tf.zeros([b, self.k_max], tf.int32),
+                tf.fill([b, width], tf.constant(-np.inf, tf.float32)),
+                tf.zeros([b, width], tf.int32),
             )
-        scores, raw = index(query)
+        scores, raw = index(query, k=k)
         ids = self.model_ids(raw)
         pos = tf.searchsorted(seen, ids)
         hit = tf.gather(seen, tf.minimum(pos, tf.shape(seen)[1] - 1), batch_dims=1)
@@ -284,10 +305,16 @@ class RetrievalModule(tf.Module):
         order = tf.argsort(scores, axis=-1, direction="DESCENDING", stable=True)
         scores = tf.gather(scores, order, batch_dims=1)
         ids = tf.gather(tf.where(valid, ids, PAD_ID), order, batch_dims=1)
-        pad = [[0, 0], [0, self.k_max - tf.shape(scores)[1]]]
+        scores, ids = scores[:, :width], ids[:, :width]
+        pad = [[0, 0], [0, width - tf.shape(scores)[1]]]
         scores = tf.pad(scores, pad, constant_values=-np.inf)
         ids = tf.pad(ids, pad, constant_values=PAD_ID)
-        return tf.ensure_shape(scores, [None, self.k_max]), tf.ensure_shape(ids, [None, self.k_max])
+        return tf.ensure_shape(scores, [None, width]), tf.ensure_shape(ids, [None, width])
+
+    def _blocked_per_cluster(self, blocked: tf.Tensor) -> tf.Tensor:
+        """[B, K] number of ``blocked`` model ids [B, E] in each cluster (PAD_ID: none)."""
+        cluster = tf.gather(self.item_cluster, blocked)  # PAD_ID -> -1 -> a zero row
+        return tf.reduce_sum(tf.one_hot(cluster, self.num_clusters, dtype=tf.int32), axis=1)
 
     def _log_partition(self, users: tf.Tensor, seen: tf.Tensor) -> tf.Tensor:
         """[B, K] exact in-cluster log-partitions of users [B, K, d], seen ids left out."""
@@ -391,9 +418,15 @@ class RetrievalModule(tf.Module):
         blocked = seen if exclude is None else tf.concat([seen, self._excluded(exclude, b)], 1)
         seen, blocked = tf.sort(seen, axis=-1), tf.sort(blocked, axis=-1)
         allowed = None if clusters is None else self._allowed(clusters, b)
+        counts = self._blocked_per_cluster(blocked)
         if not self.merged:
             query = self._user(tower, tf.fill([b], self.num_clusters))
-            scores, ids = self._candidates(self.indexes[0], query, blocked)
+            # A cluster filter cuts the global list after the search: keep the plan's k.
+            k, width = None, self.k_max
+            if allowed is None:
+                k = self._request_k(self.index_sizes[0], tf.reduce_sum(counts, 1), num_results)
+                width = self.width
+            scores, ids = self._candidates(self.indexes[0], query, blocked, k, width)
             clusters = tf.where(ids == PAD_ID, -1, tf.gather(self.item_cluster, ids))
             if allowed is not None:
                 keep = tf.gather(allowed, tf.maximum(clusters, 0), batch_dims=1) & (ids != PAD_ID)
@@ -406,8 +439,16 @@ class RetrievalModule(tf.Module):
         k = self.num_clusters
         tasks = tf.tile(tf.range(k, dtype=tf.int32), [b])
         users = tf.reshape(self._user(tf.repeat(tower, k, axis=0), tasks), [b, k, -1])
-        per_cluster = [self._candidates(self.indexes[c], users[:, c], blocked) for c in range(k)]
-        scores = tf.stack([s for s, _ in per_cluster], axis=1)  # [B, K, k_max]
+        per_cluster = [
+            self._candidates(
+                self.indexes[c],
+                users[:, c],
+                blocked,
+                self._request_k(self.index_sizes[c], counts[:, c], num_results),
+            )
+            for c in range(k)
+        ]
+        scores = tf.stack([s for s, _ in per_cluster], axis=1)  # [B, K, width]
         ids = tf.stack([i for _, i in per_cluster], axis=1)
         p = self.model.intent(tower, training=False)
         if allowed is not None:

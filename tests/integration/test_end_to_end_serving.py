@@ -8,7 +8,6 @@ import json
 import os
 import urllib.request
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -16,6 +15,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from pipeline.cli import main
 from serving.export import METADATA_DIR, METADATA_FILE
 from tests.integration.serving_process import dnc_serve
+from tests.integration.test_export import raw_requests
 from trainer import data, evaluation
 from trainer.train import ModelScorer, load_model
 
@@ -35,9 +35,10 @@ def served(tiny_data, tmp_path_factory):
     export += ["--index=brute-force", f"--num-results={M}", "--max-history=100"]
     assert main(["--log-level=WARNING"] + export) == 0
     with open(os.path.join(base, "1", METADATA_DIR, METADATA_FILE)) as f:
-        alpha = float(json.load(f)["alpha"])
+        metadata = json.load(f)
+    merge, alpha = metadata["merge"], float(metadata["alpha"])
     with dnc_serve(base, "dnc") as server:
-        yield {"model_dir": model_dir, "alpha": alpha, **server}
+        yield {"model_dir": model_dir, "alpha": alpha, "merge": merge, **server}
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +49,9 @@ def reference(tiny_data, served):
     model, _ = load_model(served["model_dir"], tiny_data)
     exact = evaluation.retrieve(
         ModelScorer(model), ev.histories, ev.exclude, items.item_cluster, m=M,
-        alpha=served["alpha"], progress=False,
+        alpha=served["alpha"], merge=served["merge"], progress=False,
     )  # fmt: skip
-    width = max(len(h) for h in ev.exclude)
-    raw = np.full((USERS, width), "", dtype=object)
-    for row, history in enumerate(ev.exclude):
-        raw[row, : len(history)] = items.item_ids[history - 1]
+    raw = raw_requests(ev.exclude, items)
     expected = [{items.item_ids[i - 1] for i in row if i} for row in exact]
     return raw, expected
 

@@ -41,6 +41,15 @@ def _train(tiny_data, output, variant, steps=5, **overrides):
     return str(output)
 
 
+def raw_requests(exclude, items) -> np.ndarray:
+    """Raw-id request rows [U, width] of model-id histories ``exclude`` ("" pads the right)."""
+    width = max(len(h) for h in exclude)
+    raw = np.full((len(exclude), width), "", dtype=object)
+    for row, history in enumerate(exclude):
+        raw[row, : len(history)] = items.item_ids[history - 1]
+    return raw
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_data, tmp_path_factory):
     """A trained dnc model exported twice into one BASE/NAME: brute force (1), ScaNN (2)."""
@@ -70,11 +79,7 @@ def requests(tiny_data):
     """Test-split histories: model ids (full, oldest first) and raw-id request tensors."""
     items = data.load_items(tiny_data)
     ev = data.evaluation_data(tiny_data, "test", SMALL.max_len, max_users=USERS, seed=1)
-    width = max(len(h) for h in ev.exclude)
-    raw = np.full((USERS, width), "", dtype=object)
-    for row, history in enumerate(ev.exclude):
-        raw[row, : len(history)] = items.item_ids[history - 1]
-    return {"items": items, "ev": ev, "raw": raw}
+    return {"items": items, "ev": ev, "raw": raw_requests(ev.exclude, items)}
 
 
 def _serve(loaded, history, alpha=None, num_results=None, signature="retrieve"):

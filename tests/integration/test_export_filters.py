@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from serving.export import export_model, load_exported
-from tests.integration.test_export import _train
+from tests.integration.test_export import _train, raw_requests
 from trainer import data
 
 ALL = 200
@@ -25,10 +25,7 @@ def setup(tiny_data, tmp_path_factory):
     model_dir = _train(tiny_data, root / "model", "dnc")
     ev = data.evaluation_data(tiny_data, "test", 10, max_users=20, seed=1)
     items = data.load_items(tiny_data)
-    width = max(len(h) for h in ev.exclude)
-    raw = np.full((len(ev.exclude), width), "", dtype=object)
-    for row, history in enumerate(ev.exclude):
-        raw[row, : len(history)] = items.item_ids[history - 1]
+    raw = raw_requests(ev.exclude, items)
     models = {
         merge: load_exported(
             export_model(model_dir, tiny_data, str(root / merge), merge=merge, alpha=1.0, **EXPORT)
