@@ -52,6 +52,7 @@ def test_pooled_intent_encoder_ignores_padding_and_round_trips_config():
 
 
 def test_pooled_intent_encoder_recency_prior_weights_recent_items_more():
+    tf.keras.utils.set_random_seed(0)  # the dense init; atol below covers outputs near 0
     layer = PooledHistoryEncoder(max_len=4, dim=3, recency=0.5)
     logits = layer.position_logits.numpy()
     np.testing.assert_allclose(logits, [-1.5, -1.0, -0.5, 0.0])
@@ -61,7 +62,7 @@ def test_pooled_intent_encoder_recency_prior_weights_recent_items_more():
     pooled = np.einsum("l,ld->d", weights, embeddings.numpy()[0])
     want = layer.dense(pooled[None]).numpy()
     np.testing.assert_allclose(
-        layer(tf.constant([[1, 2, 3, 4]]), embeddings).numpy(), want, rtol=1e-5
+        layer(tf.constant([[1, 2, 3, 4]]), embeddings).numpy(), want, rtol=1e-5, atol=1e-6
     )
     clone = PooledHistoryEncoder.from_config(layer.get_config())
     assert clone.recency == 0.5
