@@ -261,8 +261,11 @@ _DEFAULT: Dict[str, Any] = {
     "learning_rate": 1e-3,
     "model": ModelConfig(max_len=50, prompt_position="output"),
 }
-# Per-variant departures from _DEFAULT.
+# Per-variant departures from _DEFAULT. dnc's intent is the cluster mass of a global
+# sampled-softmax head on its own unprompted (plain SASRec) output: above pooled-clusters on
+# validation on Amazon Beauty, Amazon Toys and LastFM (docs/divide-and-conquer.md, section 6).
 _DEFAULT_BY_VARIANT: Dict[str, Dict[str, Any]] = {
+    "dnc": {"intent_encoder": "implied"},
     "mf": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
     "sasrec": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
     "sasrec-mixed": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
