@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/pipeline
 PYTEST_ARGS ?=
+# pytest-xdist workers; each test file runs in one worker, so module fixtures are built once.
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-defaults bench-serving bench-load lock clean
 
@@ -26,12 +29,12 @@ $(STAMP): $(LOCK) setup.py
 demo: venv
 	$(BIN)/dnc pipeline run --root $(DEMO_DIR)
 
-# Default test run (< 15 minutes on 2 cores); long runs are marked `slow`.
+# Default test run (about 16 minutes on 2 cores with 2 workers); long runs are marked `slow`.
 test: venv
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 test-all: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

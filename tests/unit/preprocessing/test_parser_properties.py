@@ -561,10 +561,11 @@ def test_hostile_csv_gzip_and_parquet_through_beam(tmp_path):
     "name,content,message",
     [
         ("a.csv.gz", b"not gzip at all", "unreadable file"),
-        ("a.csv.gz", gzip.compress(b"u,i,1\n")[:5], "truncated gzip"),
-        ("a.csv.gz", gzip.compress(b"u,i,1\n" * 1000)[:-9], "truncated gzip"),
+        ("a.csv.gz", gzip.compress(b"u,i,1\n", mtime=0)[:5], "truncated gzip"),
+        ("a.csv.gz", gzip.compress(b"u,i,1\n" * 1000, mtime=0)[:-9], "truncated gzip"),
         ("a.parquet", b"PAR1 garbage PAR1", "not a readable Parquet file"),
     ],
+    ids=["not-gzip", "gzip-header-only", "gzip-cut-short", "bad-parquet"],
 )
 def test_unreadable_or_truncated_file_is_an_input_error(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
