@@ -37,6 +37,8 @@ DEFAULT_GRID: Dict[str, List[Dict[str, Any]]] = {
     "sasrec": [{}],
     "sasrec-mixed": [{}],
     "dnc": [{}],
+    "mind": [{}],
+    "comirec-sa": [{}],
 }
 
 

@@ -219,7 +219,10 @@ def _plans(items: data.ItemsTable, merged: bool, cfg: ExportConfig) -> List[Dict
 def _build_model(model, max_len: int, num_clusters: int) -> None:
     """Calls every tower once so that the deferred checkpoint restore happens."""
     history = tf.ones([1, max_len], tf.int32)
-    model.user_embedding(history, tf.constant([num_clusters], tf.int32))
+    if model.variant.multi_interest:
+        model.interest_embeddings(history)
+    else:
+        model.user_embedding(history, tf.constant([num_clusters], tf.int32))
     model.intent(history)
     model.candidate_embeddings(tf.constant([1]))
 

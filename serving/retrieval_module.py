@@ -5,6 +5,10 @@
 * the item vocabulary (the TFT ``item_cluster_vocab`` asset in a ``StaticHashTable``:
   raw id -> item_index; unknown ids and ``""`` become padding),
 * the trained towers (user tower conditioned on a cluster, intent head),
+  or, for multi-interest models (``mind``, ``comirec-sa``), the tower giving I interest
+  vectors: each searches the one global index, and the lists are merged by score
+  (``trainer.interest_merge.interest_merge_tf``, each item at its best interest's score),
+  which is what ``trainer.evaluation`` measures,
 * one top-k index per cluster (``tfrs`` ``ScaNN`` or ``BruteForce``) whose identifiers
   are the raw item-id strings, or a single index over all items for plain variants,
 * the merge: ``quota`` (``trainer.quotas.compute_quotas_tf`` + ``merge_per_cluster_tf``)
@@ -52,6 +56,7 @@ import tensorflow_recommenders as tfrs
 from preprocessing import features, transform
 from serving.index_kinds import INDEX_KINDS
 from trainer.config import PAD_ID
+from trainer.interest_merge import interest_merge_tf
 from trainer.quotas import compute_quotas_tf, merge_per_cluster_tf
 from trainer.score_merge import check_merge, log_partition_tf, score_merge_tf
 
@@ -220,6 +225,7 @@ class RetrievalModule(tf.Module):
         self.merge = check_merge(merge)
         self.model = model
         self.merged = bool(model.variant.merged)
+        self.multi_interest = bool(model.variant.multi_interest)
         self.num_clusters = int(model.num_clusters)
         self.max_len = int(model.model_config.max_len)
         self.max_num_results = int(max_num_results)
@@ -276,7 +282,23 @@ class RetrievalModule(tf.Module):
         return right_align(ids, self.max_len), right_align(ids, self.max_history)
 
     def _user(self, tower: tf.Tensor, task: tf.Tensor) -> tf.Tensor:
+        """e_uk [B, d]; for multi-interest models the interests [B, I, d] (``task`` unused)."""
+        if self.multi_interest:
+            return self.model.interest_embeddings(tower, training=False)
         return self.model.user_embedding(tower, task, training=False)
+
+    def _global_candidates(self, query, blocked, k, width):
+        """(scores, ids) [B, width] of the global index: one query row [B, d], or the union
+        of the interests' lists by score for multi-interest queries [B, I, d]."""
+        if query.shape.rank == 2:
+            return self._candidates(self.indexes[0], query, blocked, k, width)
+        interests = tf.shape(query)[1]
+        flat = tf.reshape(query, [-1, query.shape[-1]])
+        scores, ids = self._candidates(
+            self.indexes[0], flat, tf.repeat(blocked, interests, axis=0), k, width
+        )
+        shape = [-1, interests, width]
+        return interest_merge_tf(tf.reshape(scores, shape), tf.reshape(ids, shape), width)
 
     def _request_k(self, size: int, blocked_here: tf.Tensor, num_results: tf.Tensor):
         """Candidates to ask an index of ``size`` items for: ``num_results`` plus the most
@@ -426,7 +448,7 @@ class RetrievalModule(tf.Module):
             if allowed is None:
                 k = self._request_k(self.index_sizes[0], tf.reduce_sum(counts, 1), num_results)
                 width = self.width
-            scores, ids = self._candidates(self.indexes[0], query, blocked, k, width)
+            scores, ids = self._global_candidates(query, blocked, k, width)
             clusters = tf.where(ids == PAD_ID, -1, tf.gather(self.item_cluster, ids))
             if allowed is not None:
                 keep = tf.gather(allowed, tf.maximum(clusters, 0), batch_dims=1) & (ids != PAD_ID)
@@ -504,7 +526,8 @@ class RetrievalModule(tf.Module):
         ]
     )
     def user_embedding(self, history, cluster):
-        """e_uk [B, d] for ``cluster`` [B] (K = unconditioned)."""
+        """e_uk [B, d] for ``cluster`` [B] (K = unconditioned); multi-interest models
+        return their interests [B, I, d] whatever the cluster."""
         tower, _ = self._tower_history(history)
         checks = [
             tf.debugging.assert_non_negative(cluster, message="cluster must be in [0, K]"),

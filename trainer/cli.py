@@ -102,6 +102,13 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--m", type=_int_list, default=(20, 50), help="list sizes, e.g. 20,50")
     p.add_argument("--alpha", type=parse_alpha, default=None, help="default: chosen on validation")
     add_merge_argument(p)
+    p.add_argument(
+        "--diversity-lambda",
+        type=float,
+        default=0.0,
+        help="mind/comirec-sa: ComiRec's diversity weight when merging the interests' lists "
+        "(0: by score)",
+    )
     p.add_argument("--split", default="test", choices=("test", "validation"))
     p.add_argument("--json", default=None, help="write the results here")
     p.set_defaults(handler=run_evaluate)
@@ -147,9 +154,14 @@ def run_evaluate(args: argparse.Namespace, extra: List[str]) -> int:
     """Runs ``dnc evaluate``."""
     from trainer.evaluate_model import evaluate_model, write_json
 
-    report = evaluate_model(
-        args.model, args.data, m_values=args.m, alpha=args.alpha, split=args.split, merge=args.merge
-    )
+    try:
+        report = evaluate_model(
+            args.model, args.data, m_values=args.m, alpha=args.alpha, split=args.split,
+            merge=args.merge, diversity_lambda=args.diversity_lambda,
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"dnc evaluate: invalid configuration: {e}", file=sys.stderr)
+        return EXIT_USAGE
     print(
         f"{report['variant']} on {report['split']} ({report['users']} users, "
         f"merge={report['merge']}, alpha={report['alpha']}):"

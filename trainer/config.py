@@ -14,6 +14,7 @@ Conventions shared by every trainer module:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Dict, Optional, Tuple
 
 PAD_ID = 0
@@ -25,6 +26,7 @@ LOSSES = ("bce", "sampled-softmax", "softmax")
 SOFTMAX_SCOPES = ("auto", "cluster", "all")
 TRAININGS = ("prefix", "all-positions")
 INTENT_ENCODERS = ("pooled", "pooled-clusters", "tower", "implied")
+MULTI_INTEREST_TOWERS = ("mind", "comirec-sa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +35,7 @@ class Variant:
 
     Attributes:
         name: the ``--variant`` name.
-        user_tower: ``sasrec`` or ``mf``.
+        user_tower: ``sasrec``, ``mf``, or a multi-interest tower (``mind``, ``comirec-sa``).
         conditioning: how the task prompt enters the user tower (CONDITIONINGS).
         sampler: where negatives come from (SAMPLERS).
         merged: evaluated by the per-cluster divide-and-conquer merge (else global top-M).
@@ -44,6 +46,11 @@ class Variant:
     conditioning: str
     sampler: str
     merged: bool
+
+    @property
+    def multi_interest(self) -> bool:
+        """True for towers that give each user several interest vectors."""
+        return self.user_tower in MULTI_INTEREST_TOWERS
 
 
 VARIANTS: Dict[str, Variant] = {
@@ -56,6 +63,9 @@ VARIANTS: Dict[str, Variant] = {
         Variant("dnc-concat", "sasrec", "concat", "in_cluster", merged=True),
         Variant("dnc", "sasrec", "hadamard", "in_cluster", merged=True),
         Variant("dnc-mmoe", "sasrec", "mmoe", "in_cluster", merged=True),
+        # Multi-interest baselines (trainer.multi_interest): I user vectors, merged by score.
+        Variant("mind", "mind", "none", "global", merged=False),
+        Variant("comirec-sa", "comirec-sa", "none", "global", merged=False),
     )
 }
 
@@ -85,6 +95,12 @@ class ModelConfig:
             every history embedding, so each cluster needs its own Transformer pass) or
             ``output`` (the Transformer's output: one pass serves every cluster, the
             cost of plain SASRec).
+        num_interests: interest vectors of the multi-interest variants (``mind``,
+            ``comirec-sa``; both papers use 4).
+        routing_iterations: MIND's dynamic-routing iterations (the paper's 3).
+        interest_power: the multi-interest read-out in training: ``inf`` scores the target
+            with its closest interest (ComiRec; MIND's best setting), a finite ``p`` is MIND's
+            label-aware attention ``softmax(pow(v_k . e, p))``.
     """
 
     embedding_dim: int = 50
@@ -95,6 +111,9 @@ class ModelConfig:
     num_experts: int = 4
     share_item_embeddings: bool = True
     prompt_position: str = "input"
+    num_interests: int = 4
+    routing_iterations: int = 3
+    interest_power: float = math.inf
 
     def __post_init__(self) -> None:
         if self.prompt_position not in PROMPT_POSITIONS:
@@ -102,7 +121,10 @@ class ModelConfig:
                 f"unknown prompt_position {self.prompt_position!r}; expected one of "
                 f"{PROMPT_POSITIONS}"
             )
-        for name in ("embedding_dim", "max_len", "num_blocks", "num_heads", "num_experts"):
+        if math.isnan(self.interest_power) or self.interest_power < 0:
+            raise ValueError(f"interest_power must be >= 0 (or inf), got {self.interest_power}")
+        for name in ("embedding_dim", "max_len", "num_blocks", "num_heads", "num_experts",
+                     "num_interests", "routing_iterations"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -269,6 +291,8 @@ _DEFAULT_BY_VARIANT: Dict[str, Dict[str, Any]] = {
     "mf": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
     "sasrec": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
     "sasrec-mixed": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
+    "mind": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
+    "comirec-sa": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
 }
 
 

@@ -33,6 +33,7 @@ def evaluate_model(
     split: str = features.TEST,
     progress: Optional[bool] = None,
     merge: Optional[str] = None,
+    diversity_lambda: float = 0.0,
 ) -> Dict[str, Any]:
     """Evaluates a trained model; returns the flat JSON of the contract.
 
@@ -46,9 +47,18 @@ def evaluate_model(
         split: ``test`` (default) or ``validation``.
         progress: tqdm bars (None: automatic).
         merge: ``quota`` or ``score``; None selects it on validation with alpha.
+        diversity_lambda: multi-interest variants (``mind``, ``comirec-sa``): ComiRec's
+            diversity weight for merging the interests' lists (0: by score).
+
+    Raises:
+        ValueError: ``diversity_lambda`` for a single-vector variant, or below 0.
     """
     model, config = load_model(model_dir, data_dir)
     variant = get_variant(config.variant)
+    if diversity_lambda and not variant.multi_interest:
+        raise ValueError(
+            f"diversity_lambda applies to multi-interest variants, not {config.variant}"
+        )
     items = data.load_items(data_dir)
     scorer = ModelScorer(model)
     max_len = config.model.max_len
@@ -90,6 +100,7 @@ def evaluate_model(
         progress=progress,
         users=held_out.users,
         merge=merge,
+        diversity_lambda=diversity_lambda,
     )
     report = {
         **result.to_json(),

@@ -11,6 +11,10 @@ returned items.
   items available in each cluster, remainder redistributed).
 * Plain models (``merged=False``) rank every candidate with the unconditioned
   embedding (task ``K``) and return the global top-M.
+* Multi-interest models (scorers with ``interest_embeddings``: ``mind``, ``comirec-sa``)
+  retrieve with each of their I interests and merge the lists by score, which is the
+  global top-M of ``max_k v_k . e_i`` (``trainer.interest_merge``); ComiRec's diversity
+  aggregation (``diversity_lambda > 0``) greedily re-selects from the same lists.
 
 Scoring is exact (NumPy matmuls, no ANN). Per batch, each cluster's items are
 scored once, against that cluster's user embedding, so the work is
@@ -66,73 +70,21 @@ class Scorer(Protocol):
         """``[B, K]`` intent distribution p_uk, or None for models without one."""
 
 
-class MeanPoolScorer:
-    """A tiny NumPy model: mean-pooled history, Hadamard task prompt, centroid intent.
-
-    ``e_uk = mean(e_i for i in history) * t_k`` (``t_K`` is all ones) and
-    ``p_u = softmax(mean_history @ centroids.T)``.
-
-    Args:
-        item_embeddings: ``[N + 1, d]`` (row 0 = pad).
-        task_embeddings: ``[K + 1, d]`` prompts; row K should be ones.
-        centroids: ``[K, d]`` intent centroids, or None for a model without intent.
-    """
-
-    def __init__(
-        self,
-        item_embeddings: np.ndarray,
-        task_embeddings: np.ndarray,
-        centroids: Optional[np.ndarray] = None,
-    ) -> None:
-        item_embeddings = np.asarray(item_embeddings, dtype=np.float32)
-        task_embeddings = np.asarray(task_embeddings, dtype=np.float32)
-        d = item_embeddings.shape[1]
-        if task_embeddings.ndim != 2 or task_embeddings.shape[1] != d:
-            raise ValueError(
-                f"task_embeddings has shape {task_embeddings.shape}, expected [K + 1, {d}]"
-            )
-        if centroids is not None:
-            centroids = np.asarray(centroids, dtype=np.float32)
-            if centroids.shape != (task_embeddings.shape[0] - 1, d):
-                raise ValueError(
-                    f"centroids has shape {centroids.shape}, "
-                    f"expected {(task_embeddings.shape[0] - 1, d)}"
-                )
-        self._items = item_embeddings
-        self._tasks = task_embeddings
-        self._centroids = centroids
-        self.num_tasks = task_embeddings.shape[0] - 1
-
-    @classmethod
-    def random(
-        cls, num_items: int, num_tasks: int, dim: int = 8, seed: int = 0, intent: bool = True
-    ) -> MeanPoolScorer:
-        """Fixed random embeddings (prompts around 1, centroids random)."""
-        rng = np.random.default_rng(seed)
-        items = rng.normal(size=(num_items + 1, dim))
-        items[PAD_ID] = 0.0
-        tasks = np.vstack([1.0 + 0.5 * rng.normal(size=(num_tasks, dim)), np.ones((1, dim))])
-        centroids = rng.normal(size=(num_tasks, dim)) if intent else None
-        return cls(items, tasks, centroids)
-
-    def item_embeddings(self) -> np.ndarray:
-        return self._items
-
-    def _pooled(self, history: np.ndarray) -> np.ndarray:
-        valid = (history != PAD_ID)[:, :, None]
-        total = (self._items[history] * valid).sum(axis=1)
-        return total / np.maximum(valid.sum(axis=1), 1)
-
-    def user_embeddings(self, history: np.ndarray, task: np.ndarray) -> np.ndarray:
-        return self._pooled(history) * self._tasks[task]
-
-    def intent(self, history: np.ndarray) -> Optional[np.ndarray]:
-        if self._centroids is None:
-            return None
-        logits = self._pooled(history) @ self._centroids.T
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
+def interests_of(scorer: Scorer, history: np.ndarray) -> Optional[np.ndarray]:
+    """``[B, I, d]`` interests of a multi-interest scorer (its optional
+    ``interest_embeddings``), or None for single-vector scorers."""
+    method = getattr(scorer, "interest_embeddings", None)
+    if method is None:
+        return None
+    interests = method(history)
+    if interests is None:
+        return None
+    interests = np.asarray(interests, dtype=np.float32)
+    if interests.ndim != 3 or interests.shape[0] != history.shape[0]:
+        raise ValueError(
+            f"interest_embeddings() must be [{history.shape[0]}, I, d], got {interests.shape}"
+        )
+    return interests
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +109,9 @@ class _Batch:
     log_z: np.ndarray  # [B, K] in-cluster log-partition over the unseen items
     targets: np.ndarray  # [B]
     target_clusters: np.ndarray  # [B]
+    # Multi-interest scorers with a diversity merge: each interest's global top lists.
+    interest_ids: Optional[np.ndarray] = None  # [B, I, L]
+    interest_scores: Optional[np.ndarray] = None  # [B, I, L]
 
 
 def _exclusions(exclude: object, histories: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -234,15 +189,18 @@ def _batches(
     batch_size: int,
     progress: Optional[bool],
     memory_budget: int,
+    interest_lists: bool = False,
 ) -> Iterator[_Batch]:
-    """Per-cluster top-``length`` lists of every user batch (exact, tie-consistent)."""
+    """Per-cluster top-``length`` lists of every user batch (exact, tie-consistent); with
+    ``interest_lists``, also each interest's own global top lists (multi-interest scorers)."""
     from trainer.score_merge import log_partition
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     users, k = data.histories.shape[0], data.num_tasks
     n1 = data.items.shape[0]
-    step = max(1, min(batch_size, memory_budget // (_BYTES_PER_USER_ITEM * n1)))
+    per_user_item = _BYTES_PER_USER_ITEM + 4 * int(getattr(scorer, "num_interests", 0) or 0)
+    step = max(1, min(batch_size, memory_budget // (per_user_item * n1)))
     show = users > PROGRESS_MIN_USERS if progress is None else progress
     cluster_emb = [data.items[c] for c in data.cluster_items]
     with tqdm(total=users, unit="user", desc="evaluate", disable=not show) as bar:
@@ -256,7 +214,10 @@ def _batches(
             mask[np.repeat(np.arange(b), lens), data.excl_ids[lo:hi]] = True
             mask[:, PAD_ID] = True
             who = None if data.users is None else data.users[start:stop]
-            if conditioned:
+            interests = None if conditioned else interests_of(scorer, hist)
+            if interests is not None:
+                users_emb = interests  # [b, I, d]: each cluster scores by the best interest
+            elif conditioned:
                 tasks = np.tile(np.arange(k, dtype=np.int32), b)
                 extra = {} if who is None else {"users": np.repeat(who, k)}
                 users_emb = scorer.user_embeddings(np.repeat(hist, k, axis=0), tasks, **extra)
@@ -277,7 +238,10 @@ def _batches(
             for c, (cols, emb) in enumerate(zip(data.cluster_items, cluster_emb, strict=True)):
                 if cols.size == 0:
                     continue
-                s = users_emb[:, c if conditioned else 0] @ emb.T
+                if interests is not None:
+                    s = np.einsum("bid,nd->bin", interests, emb).max(axis=1)
+                else:
+                    s = users_emb[:, c if conditioned else 0] @ emb.T
                 excluded = mask[:, cols]
                 s[excluded] = -np.inf
                 capacity[:, c] = cols.size - excluded.sum(axis=1)
@@ -289,8 +253,40 @@ def _batches(
                 if intent.shape != (b, k):
                     raise ValueError(f"intent() has shape {intent.shape}, expected {(b, k)}")
             targets = data.targets[start:stop]
-            yield _Batch(ids, scores, capacity, intent, log_z, targets, data.item_cluster[targets])
+            extra = {}
+            if interest_lists and interests is not None:
+                extra = _interest_lists(interests, data.items, mask, length)
+            yield _Batch(
+                ids, scores, capacity, intent, log_z, targets, data.item_cluster[targets], **extra
+            )
             bar.update(b)
+
+
+def _interest_lists(
+    interests: np.ndarray, items: np.ndarray, mask: np.ndarray, length: int
+) -> Dict[str, np.ndarray]:
+    """Each interest's top-``length`` unseen items over the catalogue."""
+    cols = np.arange(items.shape[0])
+    ids, scores = [], []
+    for i in range(interests.shape[1]):
+        s = interests[:, i] @ items.T
+        s[mask] = -np.inf
+        top_ids, top_scores = metrics.top_k_exact(s, cols, length)
+        ids.append(top_ids)
+        scores.append(top_scores)
+    return {"interest_ids": np.stack(ids, 1), "interest_scores": np.stack(scores, 1)}
+
+
+def _plain_list(batch: _Batch, m: int, item_cluster: np.ndarray, lam: float) -> np.ndarray:
+    """The global top-m of a plain model (for multi-interest scorers: of the best interest's
+    score), or ComiRec's diversity merge of the interests' own lists."""
+    if batch.interest_ids is not None:
+        from trainer.interest_merge import diversity_merge  # loads TensorFlow
+
+        return diversity_merge(
+            batch.interest_scores[:, :, :m], batch.interest_ids[:, :, :m], item_cluster, m, lam
+        )
+    return metrics.global_from_cluster_lists(batch.ids[:, :, :m], batch.scores[:, :, :m], m)
 
 
 def _merge(batch: _Batch, m: int, alpha: float, merge: str = "quota") -> np.ndarray:
@@ -347,6 +343,7 @@ def evaluate(
     memory_budget: int = MEMORY_BUDGET_BYTES,
     users: Optional[np.ndarray] = None,
     merge: str = "quota",
+    diversity_lambda: float = 0.0,
 ) -> EvaluationResult:
     """Exact Recall@M, within-cluster recall, intent accuracy and diversity.
 
@@ -371,6 +368,9 @@ def evaluate(
             for scorers keyed by user (the MF baseline); None for sequence models.
         merge: ``quota`` (the paper's integer quotas) or ``score`` (the joint
             hierarchical-softmax score, ``trainer.score_merge``).
+        diversity_lambda: multi-interest scorers: ComiRec's diversity weight for merging
+            the interests' lists (``trainer.interest_merge.diversity_merge``; 0 merges by
+            score, the paper's protocol).
 
     Returns:
         The :class:`EvaluationResult`. ``within_cluster_recall`` is also the recall
@@ -388,7 +388,13 @@ def evaluate(
         parts.setdefault(key, []).append(np.asarray(values, dtype=np.float64))
 
     has_intent = False
-    for batch in _batches(scorer, data, max(ms), merged, batch_size, progress, memory_budget):
+    lam = float(diversity_lambda)
+    if not lam >= 0:
+        raise ValueError(f"diversity_lambda must be >= 0, got {diversity_lambda}")
+    batches = _batches(
+        scorer, data, max(ms), merged, batch_size, progress, memory_budget, interest_lists=lam > 0
+    )
+    for batch in batches:
         has_intent = batch.intent is not None
         used_alpha = alpha if has_intent else 0.0
         if has_intent:
@@ -399,9 +405,7 @@ def evaluate(
             if merged:
                 lists = _merge(batch, m, used_alpha, merge)
             else:
-                lists = metrics.global_from_cluster_lists(
-                    batch.ids[:, :, :m], batch.scores[:, :, :m], m
-                )
+                lists = _plain_list(batch, m, data.item_cluster, lam)
                 merged_lists = _merge(batch, m, used_alpha, merge)
                 add(f"merged_recall@{m}", metrics.hits(merged_lists, batch.targets))
             add(f"recall@{m}", metrics.hits(lists, batch.targets))
@@ -430,6 +434,7 @@ def evaluate(
         merged_recall=None if merged else per_m("merged_recall"),
         intent_top1=means["intent_top1"] if has_intent else None,
         intent_top3=means["intent_top3"] if has_intent else None,
+        diversity_lambda=lam,
     )
 
 

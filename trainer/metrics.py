@@ -174,6 +174,9 @@ class EvaluationResult:
             unconditioned embedding (intent quotas, uniform without intent).
         intent_top1: share of users whose target cluster has the largest p_uk.
         intent_top3: share of users whose target cluster is among the 3 largest p_uk.
+        merge: the merge behind ``recall`` (merged models) or ``merged_recall``.
+        diversity_lambda: multi-interest models: ComiRec's diversity weight of the merge
+            of the interests' lists (0: by score).
     """
 
     users: int
@@ -188,6 +191,7 @@ class EvaluationResult:
     intent_top1: Optional[float] = None
     intent_top3: Optional[float] = None
     merge: str = "quota"
+    diversity_lambda: float = 0.0
 
     def to_json(self) -> Dict[str, object]:
         """Flat JSON-safe dict (``recall@20``, ..., ``alpha``; an infinite alpha is ``"inf"``)."""
@@ -208,6 +212,8 @@ class EvaluationResult:
         out["alpha"] = alpha_to_json(alpha)
         out["merged"] = self.merged
         out["merge"] = self.merge
+        if self.diversity_lambda:
+            out["diversity_lambda"] = self.diversity_lambda
         out["users"] = self.users
         return out
 

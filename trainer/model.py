@@ -16,6 +16,7 @@ import tensorflow_recommenders as tfrs
 from trainer import data, losses, towers
 from trainer.config import INTENT_ENCODERS, SOFTMAX_SCOPES, ModelConfig, Variant
 from trainer.intent import PooledHistoryEncoder
+from trainer.multi_interest import MultiInterestEncoder
 
 # Uniform negatives shared by every position of a batch in the global head of the
 # ``implied`` intent (one [S, d] x [d, 1024] matmul a step).
@@ -77,6 +78,23 @@ class RetrievalModel(tfrs.Model):
         self.item_tower = towers.build_item_tower(model_config, num_items, self.item_embedding)
         if variant.user_tower == "mf":
             self.user_tower = towers.MFUserTower(num_users, dim)
+        elif variant.multi_interest:
+            if intent_encoder in ("tower", "implied"):
+                raise ValueError(
+                    f"the {intent_encoder} intent reads a single-vector tower; "
+                    f"{variant.name} has {model_config.num_interests} interests (use pooled)"
+                )
+            self.user_tower = MultiInterestEncoder(
+                variant.user_tower,
+                num_items,
+                dim,
+                model_config.max_len,
+                model_config.num_interests,
+                model_config.routing_iterations,
+                model_config.interest_power,
+                item_embedding=self.item_embedding,
+                name="user_tower",
+            )
         else:
             self.user_tower = towers.build_user_tower(
                 model_config, variant.conditioning, num_items, num_clusters, self.item_embedding
@@ -131,11 +149,31 @@ class RetrievalModel(tfrs.Model):
         training: bool = False,
     ) -> tf.Tensor:
         """e_uk [B, d] for histories [B, L] and tasks [B] (K = no task)."""
+        if self.variant.multi_interest:
+            raise ValueError(
+                f"{self.variant.name} gives each user several vectors: use interest_embeddings"
+            )
         if self.variant.user_tower == "mf":
             if user is None:
                 raise ValueError("the mf variant needs user indices")
             return self.user_tower(user)
         return self.user_tower({"history": history, "task": task}, training=training)
+
+    def interest_embeddings(self, history: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """The interests [B, I, d] of multi-interest variants (``mind``, ``comirec-sa``)."""
+        if not self.variant.multi_interest:
+            raise ValueError(f"{self.variant.name} is not a multi-interest variant")
+        return self.user_tower(history, training=training)
+
+    def _interest_user(self, history, target, mask=None, training=False) -> tf.Tensor:
+        """The interest that scores each target: [B, d] (``target`` [B]) or, all-position
+        (``target`` [B, L] with ``mask``), [B, L, d] zero where masked."""
+        vectors = self.candidate_embeddings(target)
+        if mask is None:
+            return self.user_tower.read_out(self.user_tower(history, training=training), vectors)
+        interests = self.user_tower.encode_sequence(history, training=training)  # [B, L, I, d]
+        user = self.user_tower.read_out(interests, vectors)
+        return user * tf.cast(tf.cast(mask, tf.bool), user.dtype)[..., None]
 
     def intent(self, history: tf.Tensor, training: bool = False) -> tf.Tensor:
         """p_uk [B, K]: which clusters the user wants next."""
@@ -303,7 +341,10 @@ class RetrievalModel(tfrs.Model):
             task = target_cluster
         else:
             task = tf.fill(tf.shape(target), self.num_clusters)
-        user = self.user_embedding(history, task, inputs.get(data.USER), training=training)
+        if self.variant.multi_interest:
+            user = self._interest_user(history, target, training=training)
+        else:
+            user = self.user_embedding(history, task, inputs.get(data.USER), training=training)
         loss = self._retrieval_loss(
             user,
             target,
@@ -329,7 +370,9 @@ class RetrievalModel(tfrs.Model):
         target_cluster = inputs[data.TARGET_CLUSTER]
         mask = inputs[data.MASK]
         shared = self._shared_tower_pass(history, target_cluster, mask, training)
-        if shared is None:
+        if self.variant.multi_interest:
+            user = self._interest_user(history, target, mask, training)
+        elif shared is None:
             user = self.sequence_user_embeddings(
                 history, target_cluster, mask, inputs.get(data.USER), training=training
             )

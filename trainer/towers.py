@@ -116,7 +116,7 @@ class ItemTower(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_items, self.dim, self.share_embeddings = num_items, dim, share_embeddings
         if share_embeddings and item_embedding is not None:
-            _check_table(item_embedding, num_items, dim)
+            check_table(item_embedding, num_items, dim)
             self.item_embedding = item_embedding
         else:
             self.item_embedding = ItemEmbedding(num_items, dim, name="item_embedding")
@@ -196,7 +196,7 @@ class SASRecEncoder(tf.keras.layers.Layer):
             if num_items is None:
                 raise ValueError("give num_items or item_embedding")
             item_embedding = ItemEmbedding(num_items, dim, name="item_embedding")
-        _check_table(item_embedding, num_items, dim)
+        check_table(item_embedding, num_items, dim)
         self.num_items, self.dim, self.max_len = item_embedding.num_items, dim, max_len
         self.num_blocks, self.num_heads, self.dropout = num_blocks, num_heads, dropout
         self.conditioning, self.num_tasks, self.num_experts = conditioning, num_tasks, num_experts
@@ -448,7 +448,7 @@ def build_item_tower(
     )
 
 
-def _check_table(table: ItemEmbedding, num_items: Optional[int], dim: int) -> None:
+def check_table(table: ItemEmbedding, num_items: Optional[int], dim: int) -> None:
     if table.dim != dim or (num_items is not None and table.num_items != num_items):
         raise ValueError(
             f"item_embedding has {table.num_items} items x {table.dim} dims; "

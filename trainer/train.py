@@ -68,6 +68,12 @@ class ModelScorer:
             lambda h, t, u: model.user_embedding(h, t, u, training=False), reduce_retracing=True
         )
         self._intent = tf.function(lambda h: model.intent(h, training=False), reduce_retracing=True)
+        self.num_interests = 0
+        if model.variant.multi_interest:
+            self.num_interests = model.model_config.num_interests
+            self._interests = tf.function(
+                lambda h: model.interest_embeddings(h, training=False), reduce_retracing=True
+            )
 
     def item_embeddings(self) -> np.ndarray:
         ids = tf.range(self.model.num_items + 1)
@@ -86,6 +92,12 @@ class ModelScorer:
 
     def intent(self, history: np.ndarray) -> Optional[np.ndarray]:
         return self._intent(tf.constant(history, tf.int32)).numpy()
+
+    def interest_embeddings(self, history: np.ndarray) -> Optional[np.ndarray]:
+        """``[B, I, d]`` interests of multi-interest variants, None for the others."""
+        if not self.num_interests:
+            return None
+        return self._interests(tf.constant(history, tf.int32)).numpy()
 
 
 class ValidationRecall(tf.keras.callbacks.Callback):

@@ -9,12 +9,12 @@ import pytest
 from trainer import metrics
 from trainer.evaluation import (
     EvaluationResult,
-    MeanPoolScorer,
     Scorer,
     evaluate,
     retrieve,
     select_alpha,
 )
+from trainer.reference_scorer import MeanPoolScorer
 
 PAD = 0
 

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from trainer import evaluation, score_merge
 from trainer.config import PAD_ID
-from trainer.evaluation import MeanPoolScorer
+from trainer.reference_scorer import MeanPoolScorer
 
 
 def _lists(rng, b=6, k=4, length=7, empty_tail=True):
