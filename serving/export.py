@@ -55,9 +55,9 @@ import tensorflow_transform as tft
 from preprocessing import features, fileio
 from serving.index_kinds import INDEX_KINDS
 from serving.model_config import METADATA_DIR, METADATA_FILE
-from serving.retrieval_module import RetrievalModule, check_alpha, index_plan
+from serving.retrieval_module import RetrievalModule, index_plan
 from trainer import data, evaluation
-from trainer.alpha import alpha_to_json
+from trainer.alpha import alpha_to_json, check_alpha
 from trainer.config import get_variant
 from trainer.score_merge import check_merge
 from trainer.train import MODEL_JSON, MODEL_SUBDIR, ModelScorer, load_model
@@ -121,7 +121,8 @@ class ExportConfig:
             raise ValueError(f"max_exclude must be >= 0, got {self.max_exclude}")
         if not 0.0 < self.leaves_fraction <= 1.0:
             raise ValueError(f"leaves_fraction must be in (0, 1], got {self.leaves_fraction}")
-        check_alpha(self.alpha)
+        if self.alpha is not None:
+            check_alpha(self.alpha)
         if self.merge is not None:
             check_merge(self.merge)
 

@@ -563,9 +563,3 @@ class RetrievalModule(tf.Module):
             "intent": self.intent.get_concrete_function(),
             "predict_examples": self.predict_examples.get_concrete_function(),
         }
-
-
-def check_alpha(alpha: Optional[float]) -> None:
-    """Raises ValueError unless ``alpha`` is None or a number >= 0 (inf allowed)."""
-    if alpha is not None and (math.isnan(float(alpha)) or float(alpha) < 0):
-        raise ValueError(f"alpha must be >= 0 (inf allowed), got {alpha}")

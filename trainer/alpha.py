@@ -1,4 +1,4 @@
-"""The merge's alpha in JSON and in labels: an infinite alpha is written ``"inf"``.
+"""The merge's alpha: its one validity check, and its JSON and labels (``"inf"``).
 
 JSON has no infinity, so the evaluation reports, the export metadata and the pipeline's
 artifacts write ``math.inf`` as the string ``"inf"``; ``alpha_from_json`` (``float``)
@@ -26,3 +26,18 @@ def alpha_from_json(value: Union[float, int, str]) -> float:
 def alpha_label(alpha: float) -> str:
     """``alpha`` as a short label for JSON keys and reports: ``"inf"`` or ``f"{alpha:g}"``."""
     return "inf" if math.isinf(alpha) else f"{alpha:g}"
+
+
+def check_alpha(alpha: Union[float, int, str]) -> float:
+    """``alpha`` as a float, checked: a number >= 0 or infinite (``"inf"`` accepted).
+
+    Raises:
+        ValueError: naming the bad value (NaN, negative, or not a number).
+    """
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number >= 0 or inf, got {alpha!r}") from None
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"alpha must be a number >= 0 or inf, got {alpha!r}")
+    return value

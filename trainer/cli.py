@@ -11,11 +11,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import sys
 from typing import List, Optional
 
 from preprocessing.errors import EXIT_USAGE
+from trainer.alpha import check_alpha
 from trainer.config import PRESETS, VARIANTS, TrainConfig
 
 log = logging.getLogger("dnc")
@@ -33,10 +33,10 @@ def _int_list(value: str) -> tuple:
 
 def parse_alpha(value: str) -> float:
     """``--alpha``: a number >= 0, or ``inf``/``infinity`` (argparse type)."""
-    alpha = math.inf if value.lower() in ("inf", "infinity") else float(value)
-    if math.isnan(alpha) or alpha < 0:
-        raise argparse.ArgumentTypeError(f"alpha must be >= 0 or inf, got {value!r}")
-    return alpha
+    try:
+        return check_alpha(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _merge(value: str) -> str:

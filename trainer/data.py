@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -91,14 +92,23 @@ def _record_files(data_dir: str, split: str) -> List[str]:
     return files
 
 
+def _record_spec(data_dir: str) -> Dict[str, Any]:
+    """The parsing spec of the transformed records, from the TFT output (loaded once per
+    transform output: ``_cached_spec`` is keyed by its directory and modification time)."""
+    transform_dir = os.path.join(data_dir, features.TRANSFORM_DIR)
+    return _cached_spec(transform_dir, os.stat(transform_dir).st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_spec(transform_dir: str, mtime_ns: int) -> Dict[str, Any]:
+    spec = tft.TFTransformOutput(transform_dir).transformed_feature_spec()
+    keys = (features.USER_INDEX, features.ITEM_INDICES, features.CLUSTER_INDICES)
+    return {k: spec[k] for k in keys}
+
+
 def read_split(data_dir: str, split: str) -> tf.data.Dataset:
     """Per-user records of one split: dict of user index, model item ids, clusters."""
-    spec = tft.TFTransformOutput(
-        os.path.join(data_dir, features.TRANSFORM_DIR)
-    ).transformed_feature_spec()
-    spec = {
-        k: spec[k] for k in (features.USER_INDEX, features.ITEM_INDICES, features.CLUSTER_INDICES)
-    }
+    spec = _record_spec(data_dir)
 
     def parse(serialized):
         ex = tf.io.parse_single_example(serialized, spec)
@@ -111,6 +121,49 @@ def read_split(data_dir: str, split: str) -> tf.data.Dataset:
     files = _record_files(data_dir, split)
     return tf.data.TFRecordDataset(files, compression_type="GZIP").map(
         parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSplit:
+    """The training split read once, held in memory for every epoch.
+
+    ``dnc train`` needs the sequence lengths before the first epoch (steps per epoch,
+    samples/s) and then the records every epoch; reading them once into this object serves
+    both. It holds what ``read_split(...).cache()`` held: one int32 per interaction for the
+    items and one for the clusters.
+
+    Attributes:
+        users: [U] user indices.
+        items: [U, None] model item ids of each user, oldest first.
+        clusters: [U, None] their clusters.
+    """
+
+    users: tf.Tensor
+    items: tf.RaggedTensor
+    clusters: tf.RaggedTensor
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """[U] interactions of each user."""
+        return self.items.row_lengths().numpy()
+
+    def dataset(self) -> tf.data.Dataset:
+        """Per-user records, as ``read_split`` yields them, in the same order."""
+        return tf.data.Dataset.from_tensor_slices(
+            {USER: self.users, "items": self.items, "clusters": self.clusters}
+        )
+
+
+def load_train_split(data_dir: str, read_batch: int = 4096) -> TrainSplit:
+    """Reads the training records of ``data_dir`` once (see :class:`TrainSplit`)."""
+    parts = list(read_split(data_dir, features.TRAIN).ragged_batch(read_batch))
+    if not parts:
+        raise ValueError(f"no training users under {data_dir}")
+    return TrainSplit(
+        users=tf.concat([p[USER] for p in parts], 0),
+        items=tf.concat([p["items"] for p in parts], 0),
+        clusters=tf.concat([p["clusters"] for p in parts], 0),
     )
 
 
@@ -153,6 +206,7 @@ def training_dataset(
     shuffle_buffer: int = 100_000,
     seed: int = 42,
     repeat: bool = True,
+    split: Optional[TrainSplit] = None,
 ) -> tf.data.Dataset:
     """Shuffled, batched (history prefix, next item) samples with sampled negatives.
 
@@ -165,6 +219,7 @@ def training_dataset(
         shuffle_buffer: samples in the shuffle buffer.
         seed: seed of shuffling and negative sampling.
         repeat: repeat forever (use ``steps_per_epoch``).
+        split: the training split already read (:func:`load_train_split`); None reads it.
     """
     return batched_examples(
         data_dir,
@@ -175,6 +230,7 @@ def training_dataset(
         shuffle_buffer,
         seed,
         repeat,
+        split=split,
     )
 
 
@@ -188,13 +244,18 @@ def batched_examples(
     seed,
     repeat,
     batch: Optional[Callable[[tf.data.Dataset], tf.data.Dataset]] = None,
+    split: Optional[TrainSplit] = None,
 ) -> tf.data.Dataset:
     """Train users -> shuffled examples (``expand``) -> batches (+ ``add_negatives``).
 
     ``batch`` replaces the default fixed-size batching (``batch_size`` examples,
-    remainder dropped), e.g. with length-bucketed batches.
+    remainder dropped), e.g. with length-bucketed batches. ``split`` is the training split
+    already in memory (None: read ``data_dir``'s once and cache it).
     """
-    users = read_split(data_dir, features.TRAIN).cache()
+    if split is None:
+        users = read_split(data_dir, features.TRAIN).cache()
+    else:
+        users = split.dataset()
     users = users.shuffle(100_000, seed=seed, reshuffle_each_iteration=True)
     examples = users.flat_map(expand)
     examples = examples.shuffle(shuffle_buffer, seed=seed + 1, reshuffle_each_iteration=True)
@@ -219,12 +280,10 @@ def _add_negatives(batch, seed, sampler, num_negatives):
     return {**batch, NEGATIVES: negatives, NEGATIVES_VALID: valid, NEGATIVES_LOG_Q: log_q}
 
 
-def count_training_samples(data_dir: str) -> int:
-    """Number of (prefix, target) samples of one epoch."""
-    total = 0
-    for record in read_split(data_dir, features.TRAIN).map(lambda r: tf.shape(r["items"])[0]):
-        total += max(int(record) - 1, 0)
-    return total
+def count_training_samples(data_dir: str, split: Optional[TrainSplit] = None) -> int:
+    """Number of (prefix, target) samples of one epoch (of ``split`` if given)."""
+    lengths = (load_train_split(data_dir) if split is None else split).lengths
+    return int(np.maximum(lengths - 1, 0).sum())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,7 +62,7 @@ def evaluate_model(
     items = data.load_items(data_dir)
     scorer = ModelScorer(model)
     max_len = config.model.max_len
-    selection = None
+    selection = validation = None
     if alpha is None or merge is None:
         grids = evaluation.selection_grids(merge, alpha)
         if alpha_grid is not None and alpha is None:
@@ -87,7 +87,9 @@ def evaluate_model(
             alpha,
             selection.format_table(),
         )
-    held_out = data.evaluation_data(data_dir, split, max_len)
+    held_out = validation
+    if held_out is None or split != features.VALIDATION:  # read each split once
+        held_out = data.evaluation_data(data_dir, split, max_len)
     result = evaluation.evaluate(
         scorer,
         held_out.histories,

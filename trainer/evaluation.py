@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from trainer import metrics
+from trainer.alpha import check_alpha
 from trainer.config import PAD_ID
 from trainer.metrics import AlphaSelection, EvaluationResult, MergeSelection
 
@@ -322,13 +323,6 @@ def _check_merge(merge: str) -> str:
     return merge
 
 
-def _check_alpha(alpha: float) -> float:
-    alpha = float(alpha)
-    if math.isnan(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be >= 0 (or inf), got {alpha}")
-    return alpha
-
-
 def evaluate(
     scorer: Scorer,
     histories: np.ndarray,
@@ -378,7 +372,7 @@ def evaluate(
     """
     ms = _check_m(m_values)
     _check_merge(merge)
-    alpha = _check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
+    alpha = check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
     data = _prepare(scorer, histories, targets, exclude, item_cluster, users)
     k = data.num_tasks
     # Per-user values, averaged at the end: results do not depend on the batching.
@@ -409,6 +403,8 @@ def evaluate(
                 merged_lists = _merge(batch, m, used_alpha, merge)
                 add(f"merged_recall@{m}", metrics.hits(merged_lists, batch.targets))
             add(f"recall@{m}", metrics.hits(lists, batch.targets))
+            if m == max(ms):
+                add("target_cluster", batch.target_clusters)
             own = batch.ids[rows, batch.target_clusters, :m]
             add(f"within_cluster_recall@{m}", metrics.hits(own, batch.targets))
             covered, entropy = metrics.cluster_diversity(lists, data.item_cluster, k)
@@ -416,6 +412,11 @@ def evaluate(
             add(f"entropy@{m}", entropy)
 
     users = data.histories.shape[0]
+    hits_at_m = np.concatenate(parts[f"recall@{max(ms)}"])
+    target_cluster = np.concatenate(parts.pop("target_cluster")).astype(np.int64)
+    cluster_recall = {
+        int(c): float(hits_at_m[target_cluster == c].mean()) for c in np.unique(target_cluster)
+    }
     means = {key: float(np.mean(np.concatenate(values))) for key, values in parts.items()}
 
     def per_m(name: str) -> Dict[int, float]:
@@ -435,6 +436,7 @@ def evaluate(
         intent_top1=means["intent_top1"] if has_intent else None,
         intent_top3=means["intent_top3"] if has_intent else None,
         diversity_lambda=lam,
+        cluster_recall=cluster_recall,
     )
 
 
@@ -472,7 +474,7 @@ def select_merge(
     """
     (m,) = _check_m((m,))
     grids = MERGE_GRIDS if grids is None else grids
-    points = [(_check_merge(g), _check_alpha(a)) for g, alphas in grids.items() for a in alphas]
+    points = [(_check_merge(g), check_alpha(a)) for g, alphas in grids.items() for a in alphas]
     if not points:
         raise ValueError("grids must hold at least one alpha")
     data = _prepare(scorer, histories, targets, exclude, item_cluster, users)
@@ -500,7 +502,7 @@ def selection_grids(
     merges = tuple(MERGE_GRIDS) if merge is None else (_check_merge(merge),)
     if alpha is None:
         return {g: MERGE_GRIDS[g] for g in merges}
-    return {g: (_check_alpha(alpha),) for g in merges}
+    return {g: (check_alpha(alpha),) for g in merges}
 
 
 def select_alpha(
@@ -525,7 +527,7 @@ def select_alpha(
     Returns:
         The :class:`AlphaSelection` (best alpha first in grid order on ties).
     """
-    alphas = tuple(_check_alpha(a) for a in grid)
+    alphas = tuple(check_alpha(a) for a in grid)
     if not alphas:
         raise ValueError("grid must hold at least one alpha")
     sel = select_merge(
@@ -559,7 +561,7 @@ def retrieve(
     """
     (m,) = _check_m((m,))
     _check_merge(merge)
-    alpha = _check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
+    alpha = check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
     data = _prepare(scorer, histories, None, exclude, item_cluster, users)
     out = []
     for batch in _batches(scorer, data, m, merged, batch_size, progress, memory_budget):

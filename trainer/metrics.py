@@ -177,6 +177,8 @@ class EvaluationResult:
         merge: the merge behind ``recall`` (merged models) or ``merged_recall``.
         diversity_lambda: multi-interest models: ComiRec's diversity weight of the merge
             of the interests' lists (0: by score).
+        cluster_recall: Recall at the largest M of the users whose held-out item is in
+            each cluster (cluster id -> recall; clusters without such users are absent).
     """
 
     users: int
@@ -192,6 +194,7 @@ class EvaluationResult:
     intent_top3: Optional[float] = None
     merge: str = "quota"
     diversity_lambda: float = 0.0
+    cluster_recall: Optional[Dict[int, float]] = None
 
     def to_json(self) -> Dict[str, object]:
         """Flat JSON-safe dict (``recall@20``, ..., ``alpha``; an infinite alpha is ``"inf"``)."""
@@ -214,6 +217,9 @@ class EvaluationResult:
         out["merge"] = self.merge
         if self.diversity_lambda:
             out["diversity_lambda"] = self.diversity_lambda
+        if self.cluster_recall is not None:
+            m = max(self.m_values)
+            out[f"cluster_recall@{m}"] = {str(c): r for c, r in self.cluster_recall.items()}
         out["users"] = self.users
         return out
 

@@ -29,6 +29,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import tensorflow as tf
 
+from trainer.alpha import check_alpha
 from trainer.config import PAD_ID
 
 _GRID = 1e9  # fractions/weights are compared after flooring on this grid
@@ -48,8 +49,7 @@ def _check_quota_inputs(p: np.ndarray, m: int, alpha: float, capacity: np.ndarra
         raise ValueError(f"capacity shape {capacity.shape} != p shape {p.shape}")
     if int(m) < 0:
         raise ValueError(f"m must be >= 0, got {m}")
-    if np.isnan(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be >= 0 (inf allowed), got {alpha}")
+    alpha = check_alpha(alpha)
     if (capacity < 0).any():
         raise ValueError(f"capacity must be >= 0, got min {capacity.min()}")
 

@@ -36,6 +36,7 @@ from typing import Tuple
 import numpy as np
 import tensorflow as tf
 
+from trainer.alpha import check_alpha
 from trainer.quotas import merge_per_cluster, merge_per_cluster_tf
 
 MERGES = ("quota", "score")
@@ -72,9 +73,7 @@ def log_partition(scores: np.ndarray, excluded: np.ndarray) -> np.ndarray:
 
 def _prior(log_p: np.ndarray, alpha: float) -> np.ndarray:
     """``alpha * log p``; an infinite alpha is ``MAX_ALPHA * (log p - max log p)``."""
-    alpha = float(alpha)
-    if np.isnan(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be >= 0 (inf allowed), got {alpha}")
+    alpha = check_alpha(alpha)
     if alpha == 0:
         return np.zeros_like(log_p)
     if np.isinf(alpha):

@@ -22,7 +22,6 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from preprocessing import features
 from trainer.config import PAD_ID
 from trainer.data import (
     HISTORY,
@@ -33,8 +32,9 @@ from trainer.data import (
     TARGET,
     TARGET_CLUSTER,
     USER,
+    TrainSplit,
     batched_examples,
-    read_split,
+    load_train_split,
 )
 
 
@@ -170,6 +170,7 @@ def sequence_dataset(
     seed: int = 42,
     repeat: bool = True,
     buckets: Optional[LengthBuckets] = None,
+    split: Optional[TrainSplit] = None,
 ) -> tf.data.Dataset:
     """Shuffled, batched all-position windows (``sequence_windows``) with negatives.
 
@@ -190,6 +191,7 @@ def sequence_dataset(
         seed,
         repeat,
         batch=None if buckets is None else buckets.batch,
+        split=split,
     )
 
 
@@ -212,15 +214,19 @@ def _add_sequence_negatives(batch, seed, sampler, num_negatives):
     }
 
 
-def window_lengths(data_dir: str, max_len: int) -> np.ndarray:
-    """Targets of every all-position window (``sequence_windows``) of one epoch."""
-    lengths = []
-    for n in read_split(data_dir, features.TRAIN).map(lambda r: tf.shape(r["items"])[0]):
-        targets = max(int(n) - 1, 0)
-        lengths += [max_len] * (targets // max_len)
-        if targets % max_len:
-            lengths.append(targets % max_len)
-    return np.asarray(lengths, dtype=np.int64)
+def window_lengths(data_dir: str, max_len: int, split: Optional[TrainSplit] = None) -> np.ndarray:
+    """Targets of every all-position window (``sequence_windows``) of one epoch (of ``split``
+    if given, else of ``data_dir``'s training records)."""
+    lengths = (load_train_split(data_dir) if split is None else split).lengths
+    targets = np.maximum(lengths.astype(np.int64) - 1, 0)
+    full, rest = targets // max_len, targets % max_len
+    # Per user: ``full`` windows of max_len targets, then one of ``rest`` if any.
+    out = []
+    for f, r in zip(full.tolist(), rest.tolist(), strict=True):
+        out += [max_len] * f
+        if r:
+            out.append(r)
+    return np.asarray(out, dtype=np.int64)
 
 
 def count_training_windows(data_dir: str, max_len: int) -> int:

@@ -182,12 +182,15 @@ def build_model(config: TrainConfig, items: data.ItemsTable) -> RetrievalModel:
     )
 
 
-def make_dataset(config: TrainConfig, items: data.ItemsTable) -> tf.data.Dataset:
+def make_dataset(
+    config: TrainConfig, items: data.ItemsTable, split: Optional[data.TrainSplit] = None
+) -> tf.data.Dataset:
     """The endless training batches of ``config``, with the variant's negatives.
 
     Per-prefix (``data.training_dataset``) or all-position
     (``sequence_data.sequence_dataset``)
     batches after ``config.training``; the full ``softmax`` loss needs no negatives.
+    ``split`` is the training split already read (None: read it from ``config.data``).
     """
     table = ClusterTable(items.item_cluster[1:], items.num_clusters)
     sampler = None
@@ -203,6 +206,7 @@ def make_dataset(config: TrainConfig, items: data.ItemsTable) -> tf.data.Dataset
         num_negatives=config.num_negatives,
         shuffle_buffer=config.shuffle_buffer,
         seed=config.seed,
+        split=split,
     )
     if config.training == "all-positions":
         return sequence_data.sequence_dataset(
@@ -275,10 +279,12 @@ def train(
     """Trains ``config.variant`` on ``config.data`` and saves it under ``config.output``."""
     tf.keras.utils.set_random_seed(config.seed)
     items = data.load_items(config.data)
+    # One read of the training records: the counts below and every epoch use it.
+    split = data.load_train_split(config.data)
     if config.training == "all-positions":
         # batch_size counts sequence windows; samples/s counts predicted targets. Every
-        # target is in exactly one window, so one pass over the records gives both.
-        lengths = sequence_data.window_lengths(config.data, config.model.max_len)
+        # target is in exactly one window, so the sequence lengths give both.
+        lengths = sequence_data.window_lengths(config.data, config.model.max_len, split)
         samples, units, noun = int(lengths.sum()), len(lengths), "windows"
         buckets = length_buckets(config)
         steps = (
@@ -288,7 +294,7 @@ def train(
         )
         samples_per_step = samples / steps  # on average over an epoch
     else:
-        samples = data.count_training_samples(config.data)
+        samples = data.count_training_samples(config.data, split)
         units, noun = samples, "samples"
         steps = math.ceil(samples / config.batch_size)
         samples_per_step = float(config.batch_size)
@@ -299,7 +305,7 @@ def train(
         )
     steps = config.steps_per_epoch or steps
     strategy = strategy or tf.distribute.get_strategy()
-    dataset = make_dataset(config, items)
+    dataset = make_dataset(config, items, split)
     with strategy.scope():
         model = build_model(config, items)
         model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))

@@ -143,6 +143,30 @@ def test_training_samples_cover_every_prefix_once_per_epoch(tiny_data):
     assert sorted(targets) == sorted(expected)
 
 
+def test_the_in_memory_split_yields_the_records_in_order(tiny_data):
+    split = data.load_train_split(tiny_data, read_batch=7)  # several read batches
+    got = list(split.dataset().as_numpy_iterator())
+    want = list(data.read_split(tiny_data, "train").as_numpy_iterator())
+    assert len(got) == len(want) == len(split.lengths)
+    for a, b in zip(got, want, strict=True):
+        assert a[data.USER] == b[data.USER]
+        np.testing.assert_array_equal(a["items"], b["items"])
+        np.testing.assert_array_equal(a["clusters"], b["clusters"])
+
+
+def test_train_reads_the_training_records_once(tiny_data, tmp_path, monkeypatch):
+    splits = []
+    read_split = data.read_split
+
+    def counting(data_dir, split):
+        splits.append(split)
+        return read_split(data_dir, split)
+
+    monkeypatch.setattr(data, "read_split", counting)
+    train(_config(tiny_data, tmp_path, "sasrec", training="all-positions", epochs=2), verbose=0)
+    assert splits.count("train") == 1, splits
+
+
 def test_evaluation_data_holds_out_the_last_item(tiny_data):
     ev = data.evaluation_data(tiny_data, "test", 10)
     validation = data.evaluation_data(tiny_data, "validation", 10)
