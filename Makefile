@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-defaults bench-serving bench-load lock clean
+.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-load lock clean
 
 venv: $(STAMP)
 
@@ -76,6 +76,38 @@ bench-compare: venv
 		$(BIN)/python bench/compare.py --data runs/$$name --epochs 20 \
 			--out bench/results/compare-$$name || exit 1; \
 	done
+
+# Issue 12: mind and comirec-sa in their default regimes beside the earlier sasrec/dnc runs
+# (docs/multi-interest.md), and the four default regimes' throughput in one run.
+bench-multi-interest: venv
+	for ds in lastfm:LastFM amazon-beauty:Beauty amazon-toys:Toys_and_Games; do \
+		name=$${ds%%:*}; file=$${ds##*:}; \
+		$(BIN)/dnc preprocess --source sequences --input $(SHARED_DATA)/$$name/$$file.txt \
+			--output runs/$$name || exit 1; \
+	done
+	$(BIN)/python bench/compare.py --data runs/lastfm --epochs 100 --variants mind,comirec-sa \
+		--include bench/results/compare-lastfm-100ep.json \
+		--include bench/results/compare-lastfm-implied-100ep.json \
+		--out bench/results/compare-lastfm-multi-interest
+	$(BIN)/python bench/compare.py --data runs/amazon-beauty --epochs 20 --variants mind,comirec-sa \
+		--include bench/results/compare-amazon-beauty-baselines.json \
+		--include bench/results/compare-amazon-beauty-implied.json \
+		--out bench/results/compare-amazon-beauty-multi-interest
+	$(BIN)/python bench/compare.py --data runs/amazon-toys --epochs 20 --variants mind,comirec-sa \
+		--include bench/results/compare-amazon-toys.json \
+		--include bench/results/compare-amazon-toys-implied.json \
+		--out bench/results/compare-amazon-toys-multi-interest
+	$(BIN)/dnc preprocess --source synthetic --output runs/bench-synthetic
+	$(BIN)/python bench/compare.py --data runs/bench-synthetic --epochs 20 --m 50,100 \
+		--variants sasrec,dnc,mind,comirec-sa --out bench/results/compare-synthetic-multi-interest
+	$(BIN)/dnc preprocess --source synthetic --synthetic-users 6040 --synthetic-items 3706 \
+		--synthetic-mean-length 165 --output runs/synthetic-ml1m
+	$(BIN)/python bench/defaults.py --data runs/synthetic-ml1m --variants sasrec,dnc,mind,comirec-sa \
+		--no-convergence --out bench/results/throughput-multi-interest-ml1m
+
+# Issue 14: ScaNN recall vs latency per cluster (leaves searched x re-scored candidates).
+bench-scann-sweep: venv
+	$(BIN)/python bench/scann_sweep.py --items 1000000 --out bench/results/scann-sweep
 
 bench-defaults: venv
 	$(BIN)/dnc preprocess --source synthetic --synthetic-users 6040 --synthetic-items 3706 \

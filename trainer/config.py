@@ -27,6 +27,7 @@ SOFTMAX_SCOPES = ("auto", "cluster", "all")
 TRAININGS = ("prefix", "all-positions")
 INTENT_ENCODERS = ("pooled", "pooled-clusters", "tower", "implied")
 MULTI_INTEREST_TOWERS = ("mind", "comirec-sa")
+INTEREST_READOUTS = ("hard", "label-aware")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +99,11 @@ class ModelConfig:
         num_interests: interest vectors of the multi-interest variants (``mind``,
             ``comirec-sa``; both papers use 4).
         routing_iterations: MIND's dynamic-routing iterations (the paper's 3).
-        interest_power: the multi-interest read-out in training: ``inf`` scores the target
-            with its closest interest (ComiRec; MIND's best setting), a finite ``p`` is MIND's
-            label-aware attention ``softmax(pow(v_k . e, p))``.
+        interest_readout: the multi-interest read-out in training (INTEREST_READOUTS):
+            ``hard`` scores the target with its closest interest (ComiRec; MIND's label-aware
+            attention at p -> inf, its best setting), ``label-aware`` with MIND's
+            ``softmax_k(pow(v_k . e, p))`` mix of the interests.
+        interest_power: p of the ``label-aware`` read-out (>= 0).
     """
 
     embedding_dim: int = 50
@@ -113,7 +116,8 @@ class ModelConfig:
     prompt_position: str = "input"
     num_interests: int = 4
     routing_iterations: int = 3
-    interest_power: float = math.inf
+    interest_readout: str = "hard"
+    interest_power: float = 2.0
 
     def __post_init__(self) -> None:
         if self.prompt_position not in PROMPT_POSITIONS:
@@ -121,8 +125,15 @@ class ModelConfig:
                 f"unknown prompt_position {self.prompt_position!r}; expected one of "
                 f"{PROMPT_POSITIONS}"
             )
-        if math.isnan(self.interest_power) or self.interest_power < 0:
-            raise ValueError(f"interest_power must be >= 0 (or inf), got {self.interest_power}")
+        if self.interest_readout not in INTEREST_READOUTS:
+            raise ValueError(
+                f"unknown interest_readout {self.interest_readout!r}; expected one of "
+                f"{INTEREST_READOUTS}"
+            )
+        if not 0 <= self.interest_power < math.inf:
+            raise ValueError(
+                f"interest_power must be a finite number >= 0, got {self.interest_power}"
+            )
         for name in ("embedding_dim", "max_len", "num_blocks", "num_heads", "num_experts",
                      "num_interests", "routing_iterations"):  # fmt: skip
             if getattr(self, name) < 1:

@@ -91,6 +91,7 @@ class RetrievalModel(tfrs.Model):
                 model_config.max_len,
                 model_config.num_interests,
                 model_config.routing_iterations,
+                model_config.interest_readout,
                 model_config.interest_power,
                 item_embedding=self.item_embedding,
                 name="user_tower",

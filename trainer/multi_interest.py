@@ -33,10 +33,10 @@ so the interests of a history truncated after position ``j`` equal the all-posit
 at ``j``: ``encode_sequence`` computes every prefix's interests in one call (all-position
 training), each from the positions ``<= j`` only.
 
-Read-out (``read_out``): ``power = inf`` (the default) picks the interest closest to the
-target (ComiRec's argmax; MIND's label-aware attention at ``p -> inf``, the setting the MIND
-paper found best); a finite ``p`` is MIND's label-aware attention
-``softmax_k(pow(v_k . e, p))``, with ``sign(x) |x|^p`` so that negative products stay defined.
+Read-out (``read_out``): ``hard`` (the default) picks the interest closest to the target
+(ComiRec's argmax; MIND's label-aware attention at ``p -> inf``, the setting the MIND paper
+found best); ``label-aware`` is MIND's ``softmax_k(pow(v_k . e, p))`` with ``power`` p, using
+``sign(x) |x|^p`` so that negative products stay defined.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any, Dict, Optional
 
 import tensorflow as tf  # the trainer package imports dnc_env first
 
-from trainer.config import MULTI_INTEREST_TOWERS, PAD_ID
+from trainer.config import INTEREST_READOUTS, MULTI_INTEREST_TOWERS, PAD_ID
 from trainer.towers import ItemEmbedding, check_table
 
 _serializable = tf.keras.utils.register_keras_serializable(package="dnc")
@@ -202,7 +202,8 @@ class MultiInterestEncoder(tf.keras.layers.Layer):
         max_len: longest history accepted.
         num_interests: I (both papers: 4).
         routing_iterations: MIND's routing iterations (3).
-        power: the read-out's label-aware attention power (``inf``: the closest interest).
+        readout: ``hard`` (the closest interest) or ``label-aware`` (INTEREST_READOUTS).
+        power: p of the ``label-aware`` read-out.
         item_embedding: shared ``ItemEmbedding`` (not serialised; ``from_config`` builds one).
     """
 
@@ -214,15 +215,18 @@ class MultiInterestEncoder(tf.keras.layers.Layer):
         max_len: int = 200,
         num_interests: int = 4,
         routing_iterations: int = 3,
-        power: float = math.inf,
+        readout: str = "hard",
+        power: float = 2.0,
         item_embedding: Optional[ItemEmbedding] = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
         if kind not in MULTI_INTEREST_TOWERS:
             raise ValueError(f"unknown multi-interest tower {kind!r}; {MULTI_INTEREST_TOWERS}")
-        if math.isnan(power) or power < 0:
-            raise ValueError(f"power must be >= 0 (or inf), got {power}")
+        if readout not in INTEREST_READOUTS:
+            raise ValueError(f"unknown readout {readout!r}; expected one of {INTEREST_READOUTS}")
+        if not 0 <= power < math.inf:
+            raise ValueError(f"power must be a finite number >= 0, got {power}")
         if item_embedding is None:
             if num_items is None:
                 raise ValueError("give num_items or item_embedding")
@@ -230,7 +234,8 @@ class MultiInterestEncoder(tf.keras.layers.Layer):
         check_table(item_embedding, num_items, dim)
         self.kind, self.num_items, self.dim = kind, item_embedding.num_items, dim
         self.max_len, self.num_interests = max_len, num_interests
-        self.routing_iterations, self.power = routing_iterations, float(power)
+        self.routing_iterations, self.readout = routing_iterations, readout
+        self.power = float(power)
         self.item_embedding = item_embedding
         if kind == "mind":
             self.extractor = CapsuleRouting(
@@ -276,7 +281,7 @@ class MultiInterestEncoder(tf.keras.layers.Layer):
         """The user vector ``[..., d]`` that scores ``target`` ``[..., d]``, read out of
         ``interests`` ``[..., I, d]``."""
         dots = tf.einsum("...kd,...d->...k", interests, target)
-        if math.isinf(self.power):
+        if self.readout == "hard":
             weights = tf.one_hot(tf.argmax(dots, axis=-1), self.num_interests, dtype=dots.dtype)
         else:
             sharpened = tf.sign(dots) * tf.pow(tf.abs(dots), self.power)
@@ -292,6 +297,7 @@ class MultiInterestEncoder(tf.keras.layers.Layer):
             max_len=self.max_len,
             num_interests=self.num_interests,
             routing_iterations=self.routing_iterations,
+            readout=self.readout,
             power=self.power,
         )
         return config

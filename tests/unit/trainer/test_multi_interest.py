@@ -160,7 +160,9 @@ def test_hard_read_out_takes_the_closest_interest_and_soft_is_label_aware():
     hard = MultiInterestEncoder("comirec-sa", num_items=N, dim=D, max_len=L, num_interests=NI)
     got = hard.read_out(tf.constant(interests), tf.constant(target)).numpy()
     np.testing.assert_allclose(got, interests[np.arange(6), dots.argmax(1)], atol=1e-6)
-    soft = MultiInterestEncoder("mind", num_items=N, dim=D, max_len=L, num_interests=NI, power=2)
+    soft = MultiInterestEncoder(
+        "mind", num_items=N, dim=D, max_len=L, num_interests=NI, readout="label-aware", power=2
+    )
     w = _np_softmax(np.sign(dots) * np.abs(dots) ** 2, axis=1)
     got = soft.read_out(tf.constant(interests), tf.constant(target)).numpy()
     np.testing.assert_allclose(got, np.einsum("bk,bkd->bd", w, interests), atol=1e-5)
@@ -169,7 +171,14 @@ def test_hard_read_out_takes_the_closest_interest_and_soft_is_label_aware():
 @pytest.mark.parametrize("kind", ["mind", "comirec-sa"])
 def test_get_config_round_trip_and_weights_give_the_same_output(kind):
     enc = MultiInterestEncoder(
-        kind, num_items=N, dim=D, max_len=L, num_interests=3, routing_iterations=2, power=math.inf
+        kind,
+        num_items=N,
+        dim=D,
+        max_len=L,
+        num_interests=3,
+        routing_iterations=2,
+        readout="label-aware",
+        power=3.0,
     )
     history = tf.constant(_histories())
     want = enc(history).numpy()
@@ -188,6 +197,10 @@ def test_bad_settings_are_rejected():
         MultiInterestEncoder("dr", num_items=N)
     with pytest.raises(ValueError, match="power"):
         MultiInterestEncoder("mind", num_items=N, power=-1)
+    with pytest.raises(ValueError, match="readout"):
+        MultiInterestEncoder("mind", num_items=N, readout="soft")
+    with pytest.raises(ValueError, match="interest_power"):
+        ModelConfig(interest_power=math.inf)
     with pytest.raises(ValueError, match="num_interests"):
         ModelConfig(num_interests=0)
     with pytest.raises(ValueError, match="implied intent"):
