@@ -29,7 +29,7 @@ $(STAMP): $(LOCK) setup.py
 demo: venv
 	$(BIN)/dnc pipeline run --root $(DEMO_DIR)
 
-# Default test run (about 16 minutes on 2 cores with 2 workers); long runs are marked `slow`.
+# Default test run (7.5-16 minutes on 2 cores with 2 workers, by host); long runs are marked `slow`.
 test: venv
 	$(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 

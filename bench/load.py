@@ -124,7 +124,7 @@ def synthetic_template(world: Any, work: str, args: argparse.Namespace) -> str:
         max_num_results=200,
         max_history=512,
         scann_min_size=1024,
-        leaves_fraction=0.1,
+        leaves_fraction=0.2,  # the dnc export default
         max_len=50,
         seed=args.seed,
         num_results=50,

@@ -651,7 +651,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=50, help="tower history length")
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--scann-min-size", type=int, default=1024)
-    p.add_argument("--leaves-fraction", type=float, default=0.1)
+    p.add_argument("--leaves-fraction", type=float, default=0.2, help="as dnc export")
     p.add_argument("--min-history", type=int, default=20)
     p.add_argument("--max-history-len", type=int, default=50)
     p.add_argument("--sequential", type=int, default=300, help="in-process / gRPC requests")

@@ -103,7 +103,7 @@ class ExportConfig:
     max_history: int = DEFAULT_MAX_HISTORY
     max_exclude: int = DEFAULT_MAX_EXCLUDE
     scann_min_size: int = 1024
-    leaves_fraction: float = 0.1
+    leaves_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if self.index not in INDEX_KINDS:

@@ -60,22 +60,29 @@ from trainer.interest_merge import interest_merge_tf
 from trainer.quotas import compute_quotas_tf, merge_per_cluster_tf
 from trainer.score_merge import check_merge, log_partition_tf, score_merge_tf
 
+# Exactly re-scored candidates per ScaNN search, in multiples of the plan's k (index_plan).
+REORDER_FACTOR = 2
+
 
 def index_plan(
     size: int,
     k: int,
     kind: str,
     scann_min_size: int = 1024,
-    leaves_fraction: float = 0.1,
+    leaves_fraction: float = 0.2,
     coverage: float = 4.0,
 ) -> Dict[str, object]:
     """Index parameters of one cluster (or of the whole corpus for plain variants).
 
     ScaNN gets ``num_leaves ~ sqrt(size)`` and searches ``leaves_fraction`` of them, but
     at least enough leaves to hold ``coverage * k`` points on average (so that the tree
-    search nearly always yields k candidates); candidates are re-scored exactly
-    (``num_reordering_candidates = k``). Clusters smaller than ``scann_min_size`` (or
-    ones where k covers the cluster) use exact brute force.
+    search nearly always yields k candidates); ``REORDER_FACTOR * k`` asymmetric-hashing
+    candidates are re-scored exactly. ``bench/scann_sweep.py`` (``docs/serving-results.md``)
+    chose both: recall against exact search is bounded by the quantized scores, not by the
+    leaves, until about 16 times the request's k is re-scored; the export's k (results +
+    history + exclusions, 812 by default) is about 8 times a typical request's, hence 2.
+    Clusters smaller than ``scann_min_size`` (or ones where k covers the cluster) use exact
+    brute force.
 
     Args:
         size: number of items indexed.
@@ -105,7 +112,7 @@ def index_plan(
         "k": k,
         "num_leaves": num_leaves,
         "num_leaves_to_search": search,
-        "num_reordering_candidates": k,
+        "num_reordering_candidates": min(size, REORDER_FACTOR * k),
     }
 
 
