@@ -231,12 +231,15 @@ def test_all_position_windows_cover_every_target_once_per_epoch(tiny_data):
     assert sequence_data.count_training_windows(tiny_data, 10) == len(list(dataset))
 
 
-@pytest.mark.parametrize("variant", ["sasrec", "dnc"])
-def test_default_regime_learns_well_beyond_popularity(tiny_data, tmp_path, variant):
-    """The default regime (small model) must learn: 2x the popularity baseline's recall.
+@pytest.mark.parametrize(
+    "variant, margin", [("sasrec", 2.0), ("dnc", 2.0), ("comirec-sa", 2.0), ("mind", 1.5)]
+)
+def test_default_regime_learns_well_beyond_popularity(tiny_data, tmp_path, variant, margin):
+    """The default regime (small model) must learn: ``margin`` x the popularity baseline.
 
-    Measured: popularity 0.107, sasrec 0.41 and dnc 0.35 at Recall@10 after 180 steps;
-    a model that learns nothing sits at or below popularity.
+    Measured: popularity 0.107, sasrec 0.41 and dnc 0.35 at Recall@10 after 180 steps, mind
+    0.18 (it learns slowest, docs/multi-interest.md); a model that learns nothing sits at or
+    below popularity.
     """
     config = make_train_config(
         tiny_data, str(tmp_path), variant, model_overrides=dict(embedding_dim=16, max_len=10,
@@ -245,4 +248,5 @@ def test_default_regime_learns_well_beyond_popularity(tiny_data, tmp_path, varia
     )  # fmt: skip
     history = train(config, verbose=0).history
     popularity = popularity_recall(tiny_data, 10)
-    assert max(e["val_recall@10"] for e in history) >= 2 * popularity, (history, popularity)
+    best = max(e["val_recall@10"] for e in history)
+    assert best >= margin * popularity, (history, popularity)
