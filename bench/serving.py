@@ -171,7 +171,7 @@ def make_towers(data: Dict[str, np.ndarray], max_len: int, seed: int) -> Any:
             embeddings = data["embeddings"]
             centroids = data["centroids"]
             k, d = centroids.shape
-            self.variant = SimpleNamespace(merged=True, name="synthetic-dnc")
+            self.variant = SimpleNamespace(merged=True, multi_interest=False, name="synthetic-dnc")
             self.num_clusters = int(k)
             self.num_items = int(embeddings.shape[0] - 1)
             self.model_config = SimpleNamespace(max_len=int(max_len))
