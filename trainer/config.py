@@ -297,13 +297,14 @@ _DEFAULT: Dict[str, Any] = {
 # Per-variant departures from _DEFAULT. dnc's intent is the cluster mass of a global
 # sampled-softmax head on its own unprompted (plain SASRec) output: above pooled-clusters on
 # validation on Amazon Beauty, Amazon Toys and LastFM (docs/divide-and-conquer.md, section 6).
+# The plain (unmerged) variants keep a cheap stop-gradient intent head, only for the extra
+# merge column of their reports.
+_PLAIN_INTENT: Dict[str, Any] = {
+    "intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1,
+}  # fmt: skip
 _DEFAULT_BY_VARIANT: Dict[str, Dict[str, Any]] = {
     "dnc": {"intent_encoder": "implied"},
-    "mf": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
-    "sasrec": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
-    "sasrec-mixed": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
-    "mind": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
-    "comirec-sa": {"intent_encoder": "pooled", "intent_recency": 0.0, "intent_weight": 0.1},
+    **{v: _PLAIN_INTENT for v in ("mf", "sasrec", "sasrec-mixed", "mind", "comirec-sa")},
 }
 
 

@@ -232,6 +232,9 @@ def _batches(
                     f"user_embeddings() has dim {users_emb.shape[-1]}, "
                     f"item_embeddings() has {data.items.shape[1]}"
                 )
+            # Multi-interest scorers: every interest's scores of the catalogue, computed once
+            # for the per-cluster lists (best interest) and the interests' own lists.
+            every = None if interests is None else np.einsum("bid,nd->bin", interests, data.items)
             ids = np.zeros((b, k, length), dtype=np.int64)
             scores = np.full((b, k, length), -np.inf, dtype=np.float32)
             capacity = np.zeros((b, k), dtype=np.int64)
@@ -239,8 +242,8 @@ def _batches(
             for c, (cols, emb) in enumerate(zip(data.cluster_items, cluster_emb, strict=True)):
                 if cols.size == 0:
                     continue
-                if interests is not None:
-                    s = np.einsum("bid,nd->bin", interests, emb).max(axis=1)
+                if every is not None:
+                    s = every[:, :, cols].max(axis=1)
                 else:
                     s = users_emb[:, c if conditioned else 0] @ emb.T
                 excluded = mask[:, cols]
@@ -255,23 +258,20 @@ def _batches(
                     raise ValueError(f"intent() has shape {intent.shape}, expected {(b, k)}")
             targets = data.targets[start:stop]
             extra = {}
-            if interest_lists and interests is not None:
-                extra = _interest_lists(interests, data.items, mask, length)
+            if interest_lists and every is not None:
+                extra = _interest_lists(every, mask, length)
             yield _Batch(
                 ids, scores, capacity, intent, log_z, targets, data.item_cluster[targets], **extra
             )
             bar.update(b)
 
 
-def _interest_lists(
-    interests: np.ndarray, items: np.ndarray, mask: np.ndarray, length: int
-) -> Dict[str, np.ndarray]:
-    """Each interest's top-``length`` unseen items over the catalogue."""
-    cols = np.arange(items.shape[0])
+def _interest_lists(every: np.ndarray, mask: np.ndarray, length: int) -> Dict[str, np.ndarray]:
+    """Each interest's top-``length`` unseen items, from its scores ``every`` [B, I, N + 1]."""
+    cols = np.arange(every.shape[2])
     ids, scores = [], []
-    for i in range(interests.shape[1]):
-        s = interests[:, i] @ items.T
-        s[mask] = -np.inf
+    for i in range(every.shape[1]):
+        s = np.where(mask, -np.inf, every[:, i])
         top_ids, top_scores = metrics.top_k_exact(s, cols, length)
         ids.append(top_ids)
         scores.append(top_scores)

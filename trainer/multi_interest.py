@@ -46,8 +46,8 @@ from typing import Any, Dict, Optional
 
 import tensorflow as tf  # the trainer package imports dnc_env first
 
-from trainer.config import INTEREST_READOUTS, MULTI_INTEREST_TOWERS, PAD_ID
-from trainer.towers import ItemEmbedding, check_table
+from trainer.config import INTEREST_READOUTS, MULTI_INTEREST_TOWERS
+from trainer.towers import ItemEmbedding, check_table, history_positions
 
 _serializable = tf.keras.utils.register_keras_serializable(package="dnc")
 _no_autograph = tf.autograph.experimental.do_not_convert
@@ -249,13 +249,7 @@ class MultiInterestEncoder(tf.keras.layers.Layer):
             self.extractor = SelfAttentivePooling(num_interests, dim, name="self_attention")
 
     def _interests(self, history: tf.Tensor, all_positions: bool) -> tf.Tensor:
-        history = tf.cast(history, tf.int32)
-        if history.shape.rank != 2:
-            raise ValueError(f"history must be [batch, length], got shape {history.shape}")
-        if history.shape[1] is not None and history.shape[1] > self.max_len:
-            raise ValueError(f"history length {history.shape[1]} exceeds max_len {self.max_len}")
-        valid = tf.not_equal(history, PAD_ID)
-        positions = tf.maximum(tf.cumsum(tf.cast(valid, tf.int32), axis=1) - 1, 0)
+        history, valid, positions = history_positions(history, self.max_len)
         items = self.item_embedding(history)
         sees = prefix_visibility(valid, all_positions)
         if self.kind == "mind":

@@ -246,11 +246,7 @@ class SASRecEncoder(tf.keras.layers.Layer):
         self, history: tf.Tensor, task: Optional[tf.Tensor], training: Optional[bool]
     ) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """Returns Transformer inputs [B, T, d], their validity [B, T] and the task [B]."""
-        history = tf.cast(history, tf.int32)
-        if history.shape.rank != 2:
-            raise ValueError(f"history must be [batch, length], got shape {history.shape}")
-        if history.shape[1] is not None and history.shape[1] > self.max_len:
-            raise ValueError(f"history length {history.shape[1]} exceeds max_len {self.max_len}")
+        history, valid, positions = history_positions(history, self.max_len)
         if task is None:
             task = tf.fill(tf.shape(history)[:1], self.num_tasks)
         task = tf.cast(task, tf.int32)
@@ -258,11 +254,9 @@ class SASRecEncoder(tf.keras.layers.Layer):
             task = task[:, 0]
         if task.shape.rank != 1:
             raise ValueError(f"task must be [batch], got shape {task.shape}")
-        valid = tf.not_equal(history, PAD_ID)
         items = self.item_embedding(history)
         if self.conditioning == "hadamard" and not self.late_prompt:
             items = items * tf.gather(self.prompts, task)[:, None, :]
-        positions = tf.maximum(tf.cumsum(tf.cast(valid, tf.int32), axis=1) - 1, 0)
         x = items * math.sqrt(self.dim) + tf.gather(self.position_embeddings, positions)
         if self.conditioning == "concat":
             has_prompt = tf.less(task, self.num_tasks)
@@ -446,6 +440,23 @@ def build_item_tower(
         share_embeddings=model_config.share_item_embeddings,
         name="item_tower",
     )
+
+
+def history_positions(history: tf.Tensor, max_len: int) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Checks a ``[B, L]`` history against ``max_len``; returns it as int32, its validity
+    (non-padding) and each item's position counted from the oldest valid one (0, 1, ...).
+
+    Raises:
+        ValueError: not rank 2, or longer than ``max_len``.
+    """
+    history = tf.cast(history, tf.int32)
+    if history.shape.rank != 2:
+        raise ValueError(f"history must be [batch, length], got shape {history.shape}")
+    if history.shape[1] is not None and history.shape[1] > max_len:
+        raise ValueError(f"history length {history.shape[1]} exceeds max_len {max_len}")
+    valid = tf.not_equal(history, PAD_ID)
+    positions = tf.maximum(tf.cumsum(tf.cast(valid, tf.int32), axis=1) - 1, 0)
+    return history, valid, positions
 
 
 def check_table(table: ItemEmbedding, num_items: Optional[int], dim: int) -> None:
