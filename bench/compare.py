@@ -57,7 +57,8 @@ def run_setting(args: argparse.Namespace, variant: str, setting: Dict[str, Any])
     name = setting_name(variant, setting).replace("=", "-").replace(",", "_")
     output = os.path.join(args.work, os.path.basename(args.data), name)
     overrides = {k: v for k, v in setting.items() if k != "model"}
-    overrides.setdefault("epochs", args.epochs)
+    if args.epochs is not None:
+        overrides.setdefault("epochs", args.epochs)
     overrides.setdefault("eval_m", (max(args.m),))
     config = make_train_config(
         args.data, output, variant, model_overrides=setting.get("model"), **overrides
@@ -156,7 +157,9 @@ def main() -> None:
     parser.add_argument("--variants", default="sasrec,sasrec-mixed,dnc")
     parser.add_argument("--include", action="append", default=[], help="earlier report JSON")
     parser.add_argument("--m", default="20,50")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="maximum epochs (default: the regime's)"
+    )
     parser.add_argument("--title", default=None)
     parser.add_argument("--strongest-baseline", default=None, help="text for the table")
     parser.add_argument("--work", default="runs/compare", help="model directories")

@@ -43,7 +43,13 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
 RECONNECT_SLACK_SECONDS = 1.0  # > max_reconnect_backoff_ms: failures this late still count
-_REST_DOWN = (ConnectionError, http.client.RemoteDisconnected, http.client.BadStatusLine)
+# A server killed mid-response leaves the body short: IncompleteRead is "down" too.
+_REST_DOWN = (
+    ConnectionError,
+    http.client.RemoteDisconnected,
+    http.client.BadStatusLine,
+    http.client.IncompleteRead,
+)
 
 
 def require_loopback(host: str) -> str:
@@ -422,8 +428,8 @@ def grpc_call(stub: Any, request: Any, timeout: float) -> Tuple[str, Optional[in
 
 
 def rest_call(host: str, port: int, path: str, body: bytes, timeout: float) -> str:
-    """One REST predict: "OK", "HTTP_<status>", "UNAVAILABLE" (connection refused, reset or
-    dropped: the server is down) or "DEADLINE_EXCEEDED"."""
+    """One REST predict: "OK", "HTTP_<status>", "UNAVAILABLE" (connection refused, reset,
+    dropped or cut mid-response: the server is down) or "DEADLINE_EXCEEDED"."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})

@@ -21,7 +21,10 @@ For every size and index kind:
 * a ``serving.server.Server`` (gRPC, loopback, port 0) in a child process, queried with
   ``serving.client.PredictClient``: sequential requests, then ``--concurrency`` client
   threads with a stub each,
-* recall of the ScaNN lists against the brute-force lists of the same requests.
+* recall of the ScaNN lists against the brute-force lists of the same requests,
+* with ``--enable-batching``: the concurrent phase again against a server with request
+  batching (``serving.batching``; ``--batching-parameters-file``, TF Serving's format, or
+  the defaults below), to compare batching on and off.
 
 Every phase is bounded by a request count and ``--phase-seconds``. Writes
 ``OUT.json`` and ``OUT.md``::
@@ -32,6 +35,7 @@ Every phase is bounded by a request count and ``--phase-seconds``. Writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -65,6 +69,12 @@ PACKAGES = (
     "numpy",
 )
 _CHILD_FLAG = "--serve-child"
+# --enable-batching without --batching-parameters-file: batches of up to 32 requests, formed
+# while the batch threads are busy (no waiting), one thread per core.
+DEFAULT_BATCHING = (
+    "max_batch_size { value: 32 } batch_timeout_micros { value: 0 } "
+    f"max_enqueued_batches {{ value: 100 }} num_batch_threads {{ value: {os.cpu_count() or 1} }}\n"
+)
 
 
 # ---------------------------------------------------------------------------- data
@@ -262,6 +272,13 @@ def export_synthetic(
         options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
     )
     save_seconds = time.monotonic() - start
+    # What dnc export records and the server reads (max_num_results; a version with this
+    # file follows the export contract, so batched histories may be padded).
+    from serving.model_config import METADATA_DIR, METADATA_FILE
+
+    os.makedirs(os.path.join(output, METADATA_DIR), exist_ok=True)
+    with open(os.path.join(output, METADATA_DIR, METADATA_FILE), "w", encoding="utf-8") as f:
+        json.dump({"max_num_results": args.max_num_results, "synthetic": True}, f)
     del module, towers
     gc.collect()
     size = sum(
@@ -344,14 +361,16 @@ class ChildServer:
     The child prints ``PORT n`` once serving and stops when its stdin closes.
     """
 
-    def __init__(self, base_path: str, name: str, timeout: float) -> None:
+    def __init__(self, base_path: str, name: str, timeout: float, batching_file: str = "") -> None:
+        command = [sys.executable, os.path.abspath(__file__), _CHILD_FLAG, base_path, name]
         self.process = subprocess.Popen(  # noqa: S603
-            [sys.executable, os.path.abspath(__file__), _CHILD_FLAG, base_path, name],
+            command + ([batching_file] if batching_file else []),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         self.port: Optional[int] = None
+        self.batching_stats: Optional[Dict[str, Any]] = None  # read by close()
         box: Dict[str, str] = {}
 
         def read() -> None:
@@ -370,17 +389,27 @@ class ChildServer:
 
     def close(self, timeout: float = 30.0) -> None:
         """Closes stdin (the stop signal) and waits; kills the child after ``timeout``."""
-        if self.process.stdin is not None and not self.process.stdin.closed:
-            self.process.stdin.close()
         try:
-            self.process.wait(timeout)
+            if self.process.stdin is not None and not self.process.stdin.closed:
+                rest, _ = self.process.communicate(timeout=timeout)  # closes stdin first
+            else:
+                rest = None
+                self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
+            return
+        for line in (rest or "").splitlines():
+            if line.startswith("BATCHING "):
+                self.batching_stats = json.loads(line.split(" ", 1)[1])
 
 
-def serve_child(base_path: str, name: str, max_seconds: float = 4 * 3600) -> int:
-    """Child entry: serves ``name`` from ``base_path`` until stdin closes."""
+def serve_child(
+    base_path: str, name: str, batching_file: str = "", max_seconds: float = 4 * 3600
+) -> int:
+    """Child entry: serves ``name`` from ``base_path`` until stdin closes (with request
+    batching when ``batching_file``, a BatchingParameters text proto, is given)."""
+    from serving.batching_config import load_batching_parameters
     from serving.model_manager import ModelConfig
     from serving.server import Server
 
@@ -390,6 +419,7 @@ def serve_child(base_path: str, name: str, max_seconds: float = 4 * 3600) -> int
         grpc_port=0,
         rest_port=None,
         poll_wait_seconds=0,
+        batching=load_batching_parameters(batching_file) if batching_file else None,
     )
     server.start()
     print(f"PORT {server.grpc_port}", flush=True)
@@ -402,6 +432,8 @@ def serve_child(base_path: str, name: str, max_seconds: float = 4 * 3600) -> int
     threading.Thread(target=wait_stdin, daemon=True).start()
     done.wait(max_seconds)
     server.stop()
+    if server.batcher is not None:
+        print(f"BATCHING {json.dumps(server.batcher.stats())}", flush=True)
     return 0
 
 
@@ -588,6 +620,30 @@ def markdown(report: Dict[str, Any]) -> str:
                 f"| {_fmt(a.get('p99_ms'))} | {_fmt(b.get('p50_ms'))} | {_fmt(b.get('p99_ms'))} "
                 f"| {_fmt(r['per_cluster_k_speedup_p50'])} | {_fmt(r['overlap_with_fixed_k'])} |"
             )
+    batched = [r for r in report["results"] if "concurrent_batched" in r]
+    if batched:
+        b = s.get("batching_parameters", {})
+        lines += [
+            "",
+            f"Request batching (`--enable_batching`: max_batch_size {b.get('max_batch_size')}, "
+            f"batch_timeout_micros {b.get('batch_timeout_micros')}, num_batch_threads "
+            f"{b.get('num_batch_threads')}), {s['concurrency']} concurrent clients, a fresh "
+            "server each:",
+            "",
+            "| items | index | off p50 | off p99 | off QPS | on p50 | on p99 | on QPS "
+            "| QPS on / off | requests per graph call |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in batched:
+            off, on = r.get("concurrent", {}), r["concurrent_batched"]
+            ratio = on["qps"] / off["qps"] if on.get("qps") and off.get("qps") else None
+            lines.append(
+                f"| {r['items']:,} | {r['index']} | {_fmt(off.get('p50_ms'))} "
+                f"| {_fmt(off.get('p99_ms'))} | {_fmt(off.get('qps'))} "
+                f"| {_fmt(on.get('p50_ms'))} | {_fmt(on.get('p99_ms'))} | {_fmt(on.get('qps'))} "
+                f"| {_fmt(round(ratio, 2) if ratio else None)} "
+                f"| {_fmt((on.get('batching') or {}).get('requests_per_batch'))} |"
+            )
     lines += [
         "",
         "Latencies in ms (client side for gRPC, including proto conversion). Recall: share "
@@ -666,6 +722,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         dest="fixed_k_reference",
         action="store_false",
         help="skip the in-process timing of the fixed-k path (interleaved with per-cluster k)",
+    )
+    p.add_argument(
+        "--enable-batching",
+        action="store_true",
+        help="also run the concurrent phase against a server with request batching",
+    )
+    p.add_argument(
+        "--batching-parameters-file",
+        default="",
+        help="BatchingParameters text proto for --enable-batching (default: "
+        f"{DEFAULT_BATCHING.strip()!r})",
     )
     p.add_argument("--workdir", default=None, help="keep the SavedModels here (default: temp)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "serving"))
@@ -746,6 +813,21 @@ def benchmark_size(size: int, args: argparse.Namespace, work: str, report: Dict[
             print(f"[{size:,} items] {kind}: concurrent {row['concurrent']}", flush=True)
         finally:
             server.close()
+        if args.enable_batching:
+            server = ChildServer(base, name, args.start_timeout, args.batching_file)
+            try:
+                row["concurrent_batched"] = run_concurrent(
+                    f"127.0.0.1:{server.port}",
+                    name,
+                    histories,
+                    args.concurrency,
+                    args.per_client,
+                    args.phase_seconds,
+                )
+            finally:
+                server.close()
+            row["concurrent_batched"]["batching"] = server.batching_stats
+            print(f"[{size:,} items] {kind}: batched {row['concurrent_batched']}", flush=True)
         row["grpc_matches_in_process"] = lists_grpc == lists_ip[: len(lists_grpc)]
         lists[kind] = lists_ip
         report["results"].append(row)
@@ -786,6 +868,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "notes": [],
     }
     work = args.workdir or tempfile.mkdtemp(prefix="dnc-serving-bench-")
+    args.batching_file = ""
+    if args.enable_batching:
+        from serving.batching_config import parse_batching_parameters
+
+        text = DEFAULT_BATCHING
+        if args.batching_parameters_file:
+            with open(args.batching_parameters_file, encoding="utf-8") as f:
+                text = f.read()
+        params = parse_batching_parameters(text, args.batching_parameters_file or "default")
+        report["settings"]["batching_parameters"] = dataclasses.asdict(params)
+        args.batching_file = os.path.join(work, "batching.config")
+        os.makedirs(work, exist_ok=True)
+        with open(args.batching_file, "w", encoding="utf-8") as f:
+            f.write(text)
     started = time.monotonic()
     try:
         for size in args.size_list:
@@ -807,6 +903,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == _CHILD_FLAG:
-        sys.exit(serve_child(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == _CHILD_FLAG:
+        sys.exit(serve_child(*sys.argv[2:]))
     sys.exit(main())

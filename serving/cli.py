@@ -91,6 +91,7 @@ def run_export(args: argparse.Namespace, extra: List[str]) -> int:
                 default_num_results=args.num_results,
                 alpha=args.alpha,
                 merge=args.merge,
+                prompt_weight=args.prompt_weight,
                 max_history=args.max_history,
                 **index_options,
             )

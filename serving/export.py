@@ -59,7 +59,7 @@ from serving.retrieval_module import RetrievalModule, index_plan
 from trainer import data, evaluation
 from trainer.alpha import alpha_to_json, check_alpha
 from trainer.config import get_variant
-from trainer.score_merge import check_merge
+from trainer.score_merge import check_merge, check_prompt_weight
 from trainer.train import MODEL_JSON, MODEL_SUBDIR, ModelScorer, load_model
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class ExportConfig:
         alpha: quota (or intent) exponent; None selects it on the validation split.
         merge: ``quota`` or ``score`` (``trainer.score_merge``); None selects it on the
             validation split together with alpha.
+        prompt_weight: the score merge's blend of prompted and unprompted cluster queries
+            (``trainer.score_merge``); None selects it on validation with merge and alpha
+            (1 when both of those are given).
         max_history: most recent history items excluded from the results (older
             ones may come back); each index returns ``max_num_results + max_history``
             candidates so that the exclusion never leaves a list short.
@@ -100,6 +103,7 @@ class ExportConfig:
     default_num_results: int = 50
     alpha: Optional[float] = None
     merge: Optional[str] = None
+    prompt_weight: Optional[float] = None
     max_history: int = DEFAULT_MAX_HISTORY
     max_exclude: int = DEFAULT_MAX_EXCLUDE
     scann_min_size: int = 1024
@@ -125,6 +129,10 @@ class ExportConfig:
             check_alpha(self.alpha)
         if self.merge is not None:
             check_merge(self.merge)
+        if self.prompt_weight is not None:
+            check_prompt_weight(self.prompt_weight)
+            if self.merge == "quota" and self.prompt_weight != 1.0:
+                raise ValueError(f"prompt_weight={self.prompt_weight} needs the score merge")
 
 
 def load_exported(path: str) -> Any:
@@ -172,8 +180,11 @@ def _validation_metrics(model_dir: str) -> Dict[str, Any]:
 
 
 def _select_merge(model, items: data.ItemsTable, cfg: ExportConfig, max_len: int):
-    """(merge, alpha) with the best validation Recall@default_num_results."""
+    """(merge, alpha, prompt weight) with the best validation Recall@default_num_results."""
     validation = data.evaluation_data(cfg.data_dir, features.VALIDATION, max_len)
+    weights = evaluation.PROMPT_WEIGHT_GRID
+    if cfg.prompt_weight is not None:
+        weights = (cfg.prompt_weight,)
     selection = evaluation.select_merge(
         ModelScorer(model),
         validation.histories,
@@ -185,14 +196,16 @@ def _select_merge(model, items: data.ItemsTable, cfg: ExportConfig, max_len: int
         merged=True,
         progress=False,
         users=validation.users,
+        prompt_weights=weights,
     )
     log.info(
-        "merge %s, alpha %s selected on validation:\n%s",
+        "merge %s, alpha %s, prompt weight %s selected on validation:\n%s",
         selection.merge,
         selection.alpha,
+        selection.prompt_weight,
         selection.format_table(),
     )
-    return selection.merge, selection.alpha
+    return selection.merge, selection.alpha, selection.prompt_weight
 
 
 def _item_vocabulary(data_dir: str, items: data.ItemsTable) -> str:
@@ -252,10 +265,11 @@ def build_module(
     _build_model(model, max_len, items.num_clusters)
     vocab_path = _item_vocabulary(cfg.data_dir, items)
     if not variant.merged:
-        merge, alpha = "quota", 0.0
+        merge, alpha, weight = "quota", 0.0, 1.0
     elif cfg.alpha is None or cfg.merge is None:
-        merge, alpha = _select_merge(model, items, cfg, max_len)
+        merge, alpha, weight = _select_merge(model, items, cfg, max_len)
     else:
+        weight = 1.0 if cfg.prompt_weight is None else cfg.prompt_weight
         merge, alpha = cfg.merge, float(cfg.alpha)
     plans = _plans(items, variant.merged, cfg)
     module = RetrievalModule(
@@ -271,6 +285,7 @@ def build_module(
         merge=merge,
         max_exclude=cfg.max_exclude,
         per_cluster_k=per_cluster_k,
+        prompt_weight=weight,
     )
     metadata = {
         "variant": variant.name,
@@ -287,6 +302,7 @@ def build_module(
         "alpha_selected_on_validation": variant.merged and cfg.alpha is None,
         "merge": merge,
         "merge_selected_on_validation": variant.merged and cfg.merge is None,
+        "prompt_weight": weight,
         "max_num_results": cfg.max_num_results,
         "default_num_results": cfg.default_num_results,
         "max_history": cfg.max_history,

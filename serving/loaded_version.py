@@ -87,21 +87,36 @@ def check_input(spec: Any, name: str, array: np.ndarray) -> None:
 
 
 class LoadedVersion:
-    """One loaded version of a model; immutable and safe to call from many threads."""
+    """One loaded version of a model; immutable and safe to call from many threads.
 
-    def __init__(self, name: str, version: int, path: str, obj: Any) -> None:
+    Args:
+        name: the model name.
+        version: the version number.
+        path: the version directory.
+        obj: the loaded SavedModel.
+        batcher: a ``serving.batching.RequestBatcher`` that :meth:`run` sends validated
+            requests through (None: every request is its own graph call).
+    """
+
+    def __init__(
+        self, name: str, version: int, path: str, obj: Any, batcher: Optional[Any] = None
+    ) -> None:
         self.name = name
         self.version = version
         self.path = path
         self.obj = obj
         self.signatures = _signature_infos(obj)
         self.max_num_results = _max_num_results(name, path)
+        # A dnc export: its history/exclude/clusters inputs follow the contract's padding.
+        self.is_export = os.path.isfile(os.path.join(path, METADATA_DIR, METADATA_FILE))
+        self.batcher = batcher
         self._runs = 0
         self._runs_lock = threading.Lock()
 
     @property
     def runs(self) -> int:
-        """How many times a signature of this version has been called."""
+        """How many times a signature of this version has been called (a batch of
+        requests is one call)."""
         return self._runs
 
     def signature(self, signature_name: str) -> SignatureInfo:
@@ -143,10 +158,9 @@ class LoadedVersion:
         Raises:
             ServingError: INVALID_ARGUMENT for bad inputs, exceeded bounds or model-raised
                 argument errors, NOT_FOUND for an unknown signature, DEADLINE_EXCEEDED,
-                INTERNAL for other failures.
+                UNAVAILABLE when the batch queue is full (with a batcher), INTERNAL for
+                other failures.
         """
-        import tensorflow as tf
-
         limits = limits or RequestLimits()
         sig = self.signature(signature_name)
         missing = sorted(set(sig.inputs) - set(inputs))
@@ -174,6 +188,24 @@ class LoadedVersion:
         check_num_results(inputs, self.max_num_results)
         if deadline is not None:
             deadline.check("before running the model")
+        if self.batcher is not None:
+            result = self.batcher.run(self, sig, inputs, deadline)
+        else:
+            result = self.invoke(sig, inputs)
+        if deadline is not None:
+            deadline.check("while running the model")
+        wanted = set(output_filter) or set(result)
+        return {k: v for k, v in result.items() if k in wanted}
+
+    def invoke(self, sig: SignatureInfo, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Calls a signature once on validated inputs (see :meth:`run`); all its outputs.
+
+        Raises:
+            ServingError: INVALID_ARGUMENT for model-raised argument errors,
+                RESOURCE_EXHAUSTED, INTERNAL for other failures.
+        """
+        import tensorflow as tf
+
         with self._runs_lock:
             self._runs += 1
         try:
@@ -192,10 +224,7 @@ class LoadedVersion:
             raise ServingError(
                 Code.INTERNAL, f"{type(e).__name__}: {clean_tf_message(e.message)}"
             ) from e
-        if deadline is not None:
-            deadline.check("while running the model")
-        wanted = set(output_filter) or set(result)
-        return {k: v.numpy() for k, v in result.items() if k in wanted}
+        return {k: v.numpy() for k, v in result.items()}
 
 
 def _max_num_results(name: str, path: str) -> Optional[int]:

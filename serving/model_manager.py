@@ -141,13 +141,20 @@ def _fingerprint(path: str) -> Tuple[int, ...]:
 
 
 class ServedModel:
-    """One model: polls its base path and keeps the versions of its policy loaded."""
+    """One model: polls its base path and keeps the versions of its policy loaded.
 
-    def __init__(self, config: ModelConfig, loader: Loader) -> None:
+    Args:
+        config: the model's name, base path, version policy and labels.
+        loader: SavedModel loader.
+        batcher: request batcher of every version (``serving.batching``; None: none).
+    """
+
+    def __init__(self, config: ModelConfig, loader: Loader, batcher: Optional[Any] = None) -> None:
         self.config = config
         self.name = config.name
         self._base = os.path.realpath(config.base_path)
         self._loader = loader
+        self._batcher = batcher
         self._lock = threading.Lock()
         self._loaded: Dict[int, LoadedVersion] = {}
         self._status: Dict[int, VersionStatus] = {}
@@ -225,7 +232,7 @@ class ServedModel:
         log.info("model %s: loading version %d from %s", self.name, version, path)
         start = time.monotonic()
         try:
-            loaded = LoadedVersion(self.name, version, path, self._loader(path))
+            loaded = LoadedVersion(self.name, version, path, self._loader(path), self._batcher)
             warmed = warm_up(loaded)  # first calls are slow: pay them before serving
         except Exception as e:  # any load (or warm-up) failure keeps the old version
             self._failed[version] = fingerprint
@@ -288,15 +295,24 @@ class ServedModel:
 
 
 class ModelManager:
-    """All served models plus the background polling threads."""
+    """All served models plus the background polling threads.
+
+    Args:
+        configs: the models to serve.
+        poll_wait_seconds: interval between scans of the base paths (<= 0: only at start).
+        loader: SavedModel loader (default: :func:`default_loader`).
+        batcher: a started ``serving.batching.RequestBatcher`` shared by every model
+            (None: no request batching).
+    """
 
     def __init__(
         self,
         configs: Sequence[ModelConfig],
         poll_wait_seconds: float = 1.0,
         loader: Optional[Loader] = None,
+        batcher: Optional[Any] = None,
     ) -> None:
-        self.models = {c.name: ServedModel(c, loader or default_loader) for c in configs}
+        self.models = {c.name: ServedModel(c, loader or default_loader, batcher) for c in configs}
         if len(self.models) != len(configs):
             raise ValueError("duplicate model names")
         self.poll_wait_seconds = poll_wait_seconds

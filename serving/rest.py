@@ -12,8 +12,9 @@ Tensor values follow TF Serving's JSON mapping (:mod:`serving.rest_json`). Error
 ``{"error": "..."}`` with HTTP 400 (bad request), 404 (unknown model, version, signature,
 route), 408 (the client stopped sending the body), 411 (no Content-Length and not chunked),
 413 (body over ``--max_request_bytes``: by Content-Length before reading anything, or while
-reading a chunked body), 501 (classify/regress), 503 (the model ran out of resources), 504
-(``--request_timeout_seconds`` exceeded) or 500.
+reading a chunked body), 501 (classify/regress), 503 (the model ran out of resources, or
+its batch queue is full with ``--enable_batching``), 504 (``--request_timeout_seconds``
+exceeded) or 500.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ HTTP_STATUS = {
     Code.NOT_FOUND: 404,
     Code.FAILED_PRECONDITION: 400,
     Code.RESOURCE_EXHAUSTED: 503,
+    Code.UNAVAILABLE: 503,
     Code.DEADLINE_EXCEEDED: 504,
     Code.UNIMPLEMENTED: 501,
     Code.INTERNAL: 500,

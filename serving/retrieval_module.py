@@ -58,7 +58,13 @@ from serving.index_kinds import INDEX_KINDS
 from trainer.config import PAD_ID
 from trainer.interest_merge import interest_merge_tf
 from trainer.quotas import compute_quotas_tf, merge_per_cluster_tf
-from trainer.score_merge import check_merge, log_partition_tf, score_merge_tf
+from trainer.score_merge import (
+    blend_queries_tf,
+    check_merge,
+    check_prompt_weight,
+    log_partition_tf,
+    score_merge_tf,
+)
 
 # Exactly re-scored candidates per ScaNN search, in multiples of the plan's k (index_plan).
 REORDER_FACTOR = 2
@@ -207,6 +213,9 @@ class RetrievalModule(tf.Module):
             must include it (``max_num_results + max_history + max_exclude``).
         per_cluster_k: ask each index for the candidates the request can use (see the
             module docstring); False returns every plan's fixed k (the reference path).
+        prompt_weight: score merge: each cluster is searched with the blend
+            ``(1 - w) u_K + w u_k`` of the unprompted and prompted user vectors and the
+            offsets are weighted by ``w`` (``trainer.score_merge``); 1 = the full score merge.
     """
 
     def __init__(
@@ -223,8 +232,12 @@ class RetrievalModule(tf.Module):
         merge: str = "quota",
         max_exclude: int = 0,
         per_cluster_k: bool = True,
+        prompt_weight: float = 1.0,
     ) -> None:
         super().__init__(name="dnc_retrieval")
+        self.prompt_weight = check_prompt_weight(prompt_weight)
+        if merge != "score" and self.prompt_weight != 1.0:
+            raise ValueError(f"prompt_weight={prompt_weight} needs the score merge, not {merge!r}")
         if max_exclude < 0:
             raise ValueError(f"max_exclude must be >= 0, got {max_exclude}")
         self.max_exclude = int(max_exclude)
@@ -344,6 +357,17 @@ class RetrievalModule(tf.Module):
         """[B, K] number of ``blocked`` model ids [B, E] in each cluster (PAD_ID: none)."""
         cluster = tf.gather(self.item_cluster, blocked)  # PAD_ID -> -1 -> a zero row
         return tf.reduce_sum(tf.one_hot(cluster, self.num_clusters, dtype=tf.int32), axis=1)
+
+    def _cluster_queries(self, tower: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+        """[B, K, d] query of each cluster index: the prompted user vectors, blended with
+        the unprompted one (task K) when ``prompt_weight < 1``."""
+        k = self.num_clusters
+        rows = k if self.prompt_weight == 1.0 else k + 1
+        tasks = tf.tile(tf.range(rows, dtype=tf.int32), [b])
+        users = tf.reshape(self._user(tf.repeat(tower, rows, axis=0), tasks), [b, rows, -1])
+        if rows == k:
+            return users
+        return blend_queries_tf(users[:, :k], users[:, k], self.prompt_weight)
 
     def _log_partition(self, users: tf.Tensor, seen: tf.Tensor) -> tf.Tensor:
         """[B, K] exact in-cluster log-partitions of users [B, K, d], seen ids left out."""
@@ -466,8 +490,7 @@ class RetrievalModule(tf.Module):
                 clusters = tf.gather(tf.where(keep, clusters, -1), order, batch_dims=1)
             return self._finish(ids, scores, clusters, num_results)
         k = self.num_clusters
-        tasks = tf.tile(tf.range(k, dtype=tf.int32), [b])
-        users = tf.reshape(self._user(tf.repeat(tower, k, axis=0), tasks), [b, k, -1])
+        users = self._cluster_queries(tower, b)
         per_cluster = [
             self._candidates(
                 self.indexes[c],
@@ -485,7 +508,7 @@ class RetrievalModule(tf.Module):
             ids = tf.where(allowed[:, :, None], ids, PAD_ID)
         if self.merge == "score":
             log_z = self._log_partition(users, seen)
-            merged = score_merge_tf(scores, ids, log_z, p, alpha, num_results)
+            merged = score_merge_tf(scores, ids, log_z, p, alpha, num_results, self.prompt_weight)
             return self._finish(*merged, num_results)
         if allowed is not None:
             p = p * tf.cast(allowed, p.dtype)

@@ -6,6 +6,10 @@ so this server speaks the same API (``tensorflow.serving.PredictionService`` /
 
     dnc serve --model_name=dnc --model_base_path=/models/dnc --port=8500 --rest_api_port=8501
 
+``--enable_batching`` / ``--batching_parameters_file`` batch concurrent requests
+(:mod:`serving.batching`); ``--tensorflow_intra_op_parallelism`` /
+``--tensorflow_inter_op_parallelism`` size TensorFlow's thread pools.
+
 The :class:`Server` class runs it in-process (tests); :func:`run_serve` is the CLI entry.
 """
 
@@ -21,6 +25,7 @@ from concurrent import futures
 from typing import Any, List, Optional, Sequence
 
 from preprocessing.errors import EXIT_USAGE
+from serving.batching_config import BatchingParameters, load_batching_parameters
 from serving.limits import (
     DEFAULT_MAX_HISTORY_LENGTH,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -65,6 +70,8 @@ class Server:
         grpc_workers: size of the gRPC thread pool.
         loader: SavedModel loader (default: ``serving.export.load_exported`` if present,
             else ``tf.saved_model.load``).
+        batching: request batching settings (``--enable_batching``; None: every request
+            is its own graph call); see :mod:`serving.batching`.
     """
 
     def __init__(
@@ -80,16 +87,22 @@ class Server:
         loader: Optional[Loader] = None,
         max_history_length: int = DEFAULT_MAX_HISTORY_LENGTH,
         request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT_SECONDS,
+        batching: Optional[BatchingParameters] = None,
     ) -> None:
         if not models:
             raise ValueError("at least one model is required")
+        self.batcher: Any = None
+        if batching is not None:
+            from serving.batching import RequestBatcher
+
+            self.batcher = RequestBatcher(batching)
         self.limits = RequestLimits(
             max_request_bytes=max_request_bytes,
             max_elements=max_request_elements,
             max_history_length=max_history_length,
             timeout_seconds=request_timeout_seconds,
         )
-        self.manager = ModelManager(models, poll_wait_seconds, loader)
+        self.manager = ModelManager(models, poll_wait_seconds, loader, self.batcher)
         self.host = host
         self._requested_grpc_port = grpc_port
         self._requested_rest_port = rest_port
@@ -119,6 +132,9 @@ class Server:
                 "authentication or TLS; put it behind a proxy that provides them",
                 self.host,
             )
+        if self.batcher is not None:
+            self.batcher.start()
+            log.info("request batching: %s", self.batcher.params)
         self.manager.poll_all()
         options = [
             ("grpc.max_receive_message_length", self.max_request_bytes),
@@ -166,6 +182,8 @@ class Server:
             self._rest.server_close()  # joins the threads of in-flight requests
         if done is not None:
             done.wait(grace + 1)
+        if self.batcher is not None:
+            self.batcher.stop(grace + 1)
         self.manager.stop()
         log.info("server stopped")
 
@@ -233,8 +251,103 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--grpc_workers", type=int, default=16, help="gRPC thread pool size")
     parser.add_argument(
+        "--enable_batching",
+        nargs="?",
+        const=True,
+        default=False,
+        type=parse_bool,
+        help="batch concurrent requests of one model version and signature into one graph "
+        "call (as TF Serving; --enable_batching or --enable_batching=true)",
+    )
+    parser.add_argument(
+        "--batching_parameters_file",
+        default="",
+        help="BatchingParameters text proto (max_batch_size, batch_timeout_micros, "
+        "max_enqueued_batches, num_batch_threads); needs --enable_batching; default: "
+        "TF Serving's defaults",
+    )
+    parser.add_argument(
+        "--tensorflow_intra_op_parallelism",
+        type=int,
+        default=0,
+        help="threads of TensorFlow's intra-op pool (default 0: TensorFlow's choice)",
+    )
+    parser.add_argument(
+        "--tensorflow_inter_op_parallelism",
+        type=int,
+        default=0,
+        help="threads of TensorFlow's inter-op pool (default 0: TensorFlow's choice)",
+    )
+    parser.add_argument(
         "--grace_seconds", type=float, default=10.0, help="time to finish in-flight requests"
     )
+
+
+def parse_bool(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no), as TF Serving's boolean flags.
+
+    Raises:
+        argparse.ArgumentTypeError: for anything else.
+    """
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def batching_from_args(args: argparse.Namespace) -> Optional[BatchingParameters]:
+    """The batching settings of ``--enable_batching`` / ``--batching_parameters_file``.
+
+    Raises:
+        ValueError: a parameters file without ``--enable_batching`` (as TF Serving), or a
+            file that cannot be read or parsed.
+    """
+    path = getattr(args, "batching_parameters_file", "") or ""
+    if not getattr(args, "enable_batching", False):
+        if path:
+            raise ValueError("--batching_parameters_file is set without --enable_batching")
+        return None
+    if not path:
+        return BatchingParameters()
+    params = load_batching_parameters(path)
+    if params.ignored:
+        log.warning(
+            "--batching_parameters_file %s: %s have no effect in this server",
+            path,
+            ", ".join(params.ignored),
+        )
+    return params
+
+
+def configure_tf_threads(intra_op: int = 0, inter_op: int = 0) -> None:
+    """Sizes TensorFlow's intra- and inter-op thread pools (0 leaves TensorFlow's default).
+
+    Must run before TensorFlow executes its first operation (``run_serve`` calls it
+    before anything is loaded).
+
+    Raises:
+        ValueError: a negative count, or TensorFlow already initialized.
+    """
+    if intra_op < 0 or inter_op < 0:
+        raise ValueError(
+            "--tensorflow_intra_op_parallelism and --tensorflow_inter_op_parallelism must be "
+            f">= 0, got {intra_op} and {inter_op}"
+        )
+    if not intra_op and not inter_op:
+        return
+    import tensorflow as tf
+
+    try:
+        if intra_op:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+        if inter_op:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError as e:
+        raise ValueError(f"cannot set TensorFlow's thread pools: {e}") from e
+    intra, inter = intra_op or "default", inter_op or "default"
+    log.info("TensorFlow threads: intra-op %s, inter-op %s", intra, inter)
 
 
 def model_configs_from_args(args: argparse.Namespace) -> List[ModelConfig]:
@@ -257,6 +370,11 @@ def run_serve(args: argparse.Namespace) -> int:
     """Runs the server until SIGTERM/SIGINT; returns the exit code (0 on a clean stop)."""
     try:
         models = model_configs_from_args(args)
+        batching = batching_from_args(args)
+        configure_tf_threads(
+            getattr(args, "tensorflow_intra_op_parallelism", 0),
+            getattr(args, "tensorflow_inter_op_parallelism", 0),
+        )
     except (OSError, ValueError) as e:
         log.error("serve: %s", e)
         return EXIT_USAGE
@@ -273,6 +391,7 @@ def run_serve(args: argparse.Namespace) -> int:
             grpc_workers=args.grpc_workers,
             max_history_length=args.max_history_length,
             request_timeout_seconds=args.request_timeout_seconds,
+            batching=batching,
         )
     except ValueError as e:
         log.error("serve: %s", e)

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -48,14 +49,31 @@ def _merge(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def _prompt_weight(value: str) -> float:
+    try:
+        weight = float(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from e
+    if not 0.0 <= weight <= 1.0:
+        raise argparse.ArgumentTypeError(f"prompt weight must be in [0, 1], got {value}")
+    return weight
+
+
 def add_merge_argument(parser: argparse.ArgumentParser) -> None:
-    """``--merge``: the per-cluster merge (``trainer.score_merge.MERGES``)."""
+    """``--merge`` (``trainer.score_merge.MERGES``) and the score merge's ``--prompt-weight``."""
     parser.add_argument(
         "--merge",
         type=_merge,
         default=None,
         metavar="{quota,score}",
         help="per-cluster merge (trainer.score_merge); default: selected on validation",
+    )
+    parser.add_argument(
+        "--prompt-weight",
+        type=_prompt_weight,
+        default=None,
+        help="score merge: blend of prompted (1) and unprompted (0) cluster queries; "
+        "default: selected on validation with the merge and alpha",
     )
 
 
@@ -88,8 +106,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--strategy",
         default="default",
-        choices=("default", "mirrored"),
-        help="tf.distribute strategy (mirrored: all visible devices)",
+        choices=("default", "mirrored", "multiworker"),
+        help="tf.distribute strategy (mirrored: all visible devices; multiworker: "
+        "MultiWorkerMirroredStrategy from TF_CONFIG, see python -m trainer.multiworker)",
     )
     p.set_defaults(handler=run_train)
 
@@ -130,6 +149,16 @@ def run_train(args: argparse.Namespace, extra: List[str]) -> int:
     except ValueError as e:
         print(f"dnc train: invalid configuration: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if args.strategy == "multiworker":
+        from trainer.multiworker import TF_CONFIG, parse_tf_config
+
+        try:
+            task = parse_tf_config(os.environ.get(TF_CONFIG))
+        except ValueError as e:
+            print(f"dnc train: invalid configuration: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        log.info("multi-worker task %s %d of %d workers", task.task_type, task.task_id,
+                 task.num_workers)  # fmt: skip
     log.info("effective config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
     from preprocessing import fileio
 
@@ -141,6 +170,10 @@ def run_train(args: argparse.Namespace, extra: List[str]) -> int:
     strategy: Optional[tf.distribute.Strategy] = None
     if args.strategy == "mirrored":
         strategy = tf.distribute.MirroredStrategy()
+    elif args.strategy == "multiworker":
+        # Created first, before any other TensorFlow op; each worker serves gRPC at its
+        # TF_CONFIG address.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with fileio.output_errors(config.output):
         result = train(config, strategy=strategy)
     last = result.history[-1] if result.history else {}
@@ -158,13 +191,15 @@ def run_evaluate(args: argparse.Namespace, extra: List[str]) -> int:
         report = evaluate_model(
             args.model, args.data, m_values=args.m, alpha=args.alpha, split=args.split,
             merge=args.merge, diversity_lambda=args.diversity_lambda,
+            prompt_weight=args.prompt_weight,
         )  # fmt: skip
     except ValueError as e:
         print(f"dnc evaluate: invalid configuration: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(
         f"{report['variant']} on {report['split']} ({report['users']} users, "
-        f"merge={report['merge']}, alpha={report['alpha']}):"
+        f"merge={report['merge']}, alpha={report['alpha']}, "
+        f"prompt weight={report['prompt_weight']}):"
     )
     print(report["table"])
     if args.json:

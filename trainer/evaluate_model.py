@@ -34,6 +34,7 @@ def evaluate_model(
     progress: Optional[bool] = None,
     merge: Optional[str] = None,
     diversity_lambda: float = 0.0,
+    prompt_weight: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Evaluates a trained model; returns the flat JSON of the contract.
 
@@ -49,6 +50,9 @@ def evaluate_model(
         merge: ``quota`` or ``score``; None selects it on validation with alpha.
         diversity_lambda: multi-interest variants (``mind``, ``comirec-sa``): ComiRec's
             diversity weight for merging the interests' lists (0: by score).
+        prompt_weight: the score merge's blend of prompted and unprompted queries
+            (``trainer.score_merge``); None selects it on validation with the merge
+            and alpha (1 when both of those are given).
 
     Raises:
         ValueError: ``diversity_lambda`` for a single-vector variant, or below 0.
@@ -63,6 +67,7 @@ def evaluate_model(
     scorer = ModelScorer(model)
     max_len = config.model.max_len
     selection = validation = None
+    weights = evaluation.PROMPT_WEIGHT_GRID if prompt_weight is None else (prompt_weight,)
     if alpha is None or merge is None:
         grids = evaluation.selection_grids(merge, alpha)
         if alpha_grid is not None and alpha is None:
@@ -79,14 +84,19 @@ def evaluate_model(
             merged=variant.merged,
             progress=progress,
             users=validation.users,
+            prompt_weights=weights,
         )
         merge, alpha = selection.merge, selection.alpha
+        prompt_weight = selection.prompt_weight
         log.info(
-            "merge %s, alpha %s selected on validation:\n%s",
+            "merge %s, alpha %s, prompt weight %s selected on validation:\n%s",
             merge,
             alpha,
+            prompt_weight,
             selection.format_table(),
         )
+    elif prompt_weight is None:
+        prompt_weight = 1.0
     held_out = validation
     if held_out is None or split != features.VALIDATION:  # read each split once
         held_out = data.evaluation_data(data_dir, split, max_len)
@@ -103,6 +113,7 @@ def evaluate_model(
         users=held_out.users,
         merge=merge,
         diversity_lambda=diversity_lambda,
+        prompt_weight=prompt_weight,
     )
     report = {
         **result.to_json(),
@@ -112,6 +123,7 @@ def evaluate_model(
         "alpha": alpha_to_json(alpha),
         "alpha_selection": None if selection is None else selection.to_json(),
         "merge": merge,
+        "prompt_weight": prompt_weight,
         "table": result.format_table(),
     }
     return report

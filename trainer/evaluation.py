@@ -44,6 +44,9 @@ MERGE_GRIDS: Dict[str, Tuple[float, ...]] = {
     "quota": DEFAULT_ALPHA_GRID,
     "score": SCORE_ALPHA_GRID,
 }
+# Prompt weights of the score merge (trainer.score_merge.blend_queries): 1 is the full
+# score merge, 0 the unprompted global ranking; first in order wins ties.
+PROMPT_WEIGHT_GRID: Tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.0)
 MEMORY_BUDGET_BYTES = 256 * 2**20
 PROGRESS_MIN_USERS = 5000
 # Working set of one user during scoring: exclusion mask plus the scores and
@@ -191,18 +194,42 @@ def _batches(
     progress: Optional[bool],
     memory_budget: int,
     interest_lists: bool = False,
+    prompt_weight: float = 1.0,
 ) -> Iterator[_Batch]:
     """Per-cluster top-``length`` lists of every user batch (exact, tie-consistent); with
-    ``interest_lists``, also each interest's own global top lists (multi-interest scorers)."""
-    from trainer.score_merge import log_partition
+    ``interest_lists``, also each interest's own global top lists (multi-interest scorers);
+    clusters queried with the blend of ``prompt_weight`` (``score_merge.blend_queries``)."""
+    for group in _weighted_batches(
+        scorer, data, length, conditioned, batch_size, progress, memory_budget,
+        interest_lists, (prompt_weight,),
+    ):  # fmt: skip
+        yield group[0]
+
+
+def _weighted_batches(
+    scorer: Scorer,
+    data: _Data,
+    length: int,
+    conditioned: bool,
+    batch_size: int,
+    progress: Optional[bool],
+    memory_budget: int,
+    interest_lists: bool,
+    prompt_weights: Sequence[float],
+) -> Iterator[Tuple[_Batch, ...]]:
+    """:func:`_batches` for several prompt weights at once: one tuple of batches (in
+    ``prompt_weights`` order) per user batch; the towers run once per user batch."""
+    from trainer.score_merge import blend_queries, check_prompt_weight
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    weights = tuple(check_prompt_weight(w) for w in prompt_weights)
     users, k = data.histories.shape[0], data.num_tasks
     n1 = data.items.shape[0]
     per_user_item = _BYTES_PER_USER_ITEM + 4 * int(getattr(scorer, "num_interests", 0) or 0)
     step = max(1, min(batch_size, memory_budget // (per_user_item * n1)))
     show = users > PROGRESS_MIN_USERS if progress is None else progress
+    blended = conditioned and any(w != 1.0 for w in weights)
     cluster_emb = [data.items[c] for c in data.cluster_items]
     with tqdm(total=users, unit="user", desc="evaluate", disable=not show) as bar:
         for start in range(0, users, step):
@@ -216,41 +243,24 @@ def _batches(
             mask[:, PAD_ID] = True
             who = None if data.users is None else data.users[start:stop]
             interests = None if conditioned else interests_of(scorer, hist)
+            every = None
             if interests is not None:
-                users_emb = interests  # [b, I, d]: each cluster scores by the best interest
-            elif conditioned:
-                tasks = np.tile(np.arange(k, dtype=np.int32), b)
-                extra = {} if who is None else {"users": np.repeat(who, k)}
-                users_emb = scorer.user_embeddings(np.repeat(hist, k, axis=0), tasks, **extra)
-                users_emb = np.asarray(users_emb, dtype=np.float32).reshape(b, k, -1)
+                # Multi-interest scorers: every interest's scores of the catalogue, computed
+                # once for the per-cluster lists (best interest) and the interests' own lists.
+                every = np.einsum("bid,nd->bin", interests, data.items)
+                queries = {w: None for w in weights}
             else:
-                extra = {} if who is None else {"users": who}
-                users_emb = scorer.user_embeddings(hist, np.full(b, k, dtype=np.int32), **extra)
-                users_emb = np.asarray(users_emb, dtype=np.float32)[:, None, :]
-            if users_emb.shape[-1] != data.items.shape[1]:
-                raise ValueError(
-                    f"user_embeddings() has dim {users_emb.shape[-1]}, "
-                    f"item_embeddings() has {data.items.shape[1]}"
-                )
-            # Multi-interest scorers: every interest's scores of the catalogue, computed once
-            # for the per-cluster lists (best interest) and the interests' own lists.
-            every = None if interests is None else np.einsum("bid,nd->bin", interests, data.items)
-            ids = np.zeros((b, k, length), dtype=np.int64)
-            scores = np.full((b, k, length), -np.inf, dtype=np.float32)
-            capacity = np.zeros((b, k), dtype=np.int64)
-            log_z = np.full((b, k), -np.inf)
-            for c, (cols, emb) in enumerate(zip(data.cluster_items, cluster_emb, strict=True)):
-                if cols.size == 0:
-                    continue
-                if every is not None:
-                    s = every[:, :, cols].max(axis=1)
+                users_emb = _user_vectors(scorer, hist, who, k, conditioned, blended)
+                if users_emb.shape[-1] != data.items.shape[1]:
+                    raise ValueError(
+                        f"user_embeddings() has dim {users_emb.shape[-1]}, "
+                        f"item_embeddings() has {data.items.shape[1]}"
+                    )
+                if blended:
+                    prompted, plain = users_emb[:, :k], users_emb[:, k]
+                    queries = {w: blend_queries(prompted, plain, w) for w in weights}
                 else:
-                    s = users_emb[:, c if conditioned else 0] @ emb.T
-                excluded = mask[:, cols]
-                s[excluded] = -np.inf
-                capacity[:, c] = cols.size - excluded.sum(axis=1)
-                log_z[:, c] = log_partition(s, excluded)
-                ids[:, c], scores[:, c] = metrics.top_k_exact(s, cols, length)
+                    queries = {w: users_emb for w in weights}
             intent = scorer.intent(hist)
             if intent is not None:
                 intent = np.asarray(intent, dtype=np.float64)
@@ -260,10 +270,58 @@ def _batches(
             extra = {}
             if interest_lists and every is not None:
                 extra = _interest_lists(every, mask, length)
-            yield _Batch(
-                ids, scores, capacity, intent, log_z, targets, data.item_cluster[targets], **extra
-            )
+            group = []
+            for w in weights:
+                ids, scores, capacity, log_z = _cluster_lists(
+                    data, cluster_emb, queries[w], every, mask, length, conditioned
+                )
+                clusters = data.item_cluster[targets]
+                group.append(
+                    _Batch(ids, scores, capacity, intent, log_z, targets, clusters, **extra)
+                )
+            yield tuple(group)
             bar.update(b)
+
+
+def _user_vectors(scorer, hist, who, k: int, conditioned: bool, with_plain: bool) -> np.ndarray:
+    """User vectors [B, K, d] of every cluster (conditioned; with ``with_plain`` also the
+    unprompted task K: [B, K + 1, d]) or [B, 1, d] of task K (plain scorers)."""
+    b = hist.shape[0]
+    if conditioned:
+        tasks_per_row = k + 1 if with_plain else k
+        tasks = np.tile(np.arange(tasks_per_row, dtype=np.int32), b)
+        extra = {} if who is None else {"users": np.repeat(who, tasks_per_row)}
+        out = scorer.user_embeddings(np.repeat(hist, tasks_per_row, axis=0), tasks, **extra)
+        return np.asarray(out, dtype=np.float32).reshape(b, tasks_per_row, -1)
+    extra = {} if who is None else {"users": who}
+    out = scorer.user_embeddings(hist, np.full(b, k, dtype=np.int32), **extra)
+    return np.asarray(out, dtype=np.float32)[:, None, :]
+
+
+def _cluster_lists(data: _Data, cluster_emb, queries, every, mask, length: int, conditioned):
+    """(ids [B, K, L], scores [B, K, L], capacity [B, K], log_z [B, K]): each cluster's top
+    unseen items by its query (``queries`` [B, K or 1, d]) or, for multi-interest scorers,
+    by the best interest's score ``every`` [B, I, N + 1]."""
+    from trainer.score_merge import log_partition
+
+    b, k = mask.shape[0], data.num_tasks
+    ids = np.zeros((b, k, length), dtype=np.int64)
+    scores = np.full((b, k, length), -np.inf, dtype=np.float32)
+    capacity = np.zeros((b, k), dtype=np.int64)
+    log_z = np.full((b, k), -np.inf)
+    for c, (cols, emb) in enumerate(zip(data.cluster_items, cluster_emb, strict=True)):
+        if cols.size == 0:
+            continue
+        if every is not None:
+            s = every[:, :, cols].max(axis=1)
+        else:
+            s = queries[:, c if conditioned else 0] @ emb.T
+        excluded = mask[:, cols]
+        s[excluded] = -np.inf
+        capacity[:, c] = cols.size - excluded.sum(axis=1)
+        log_z[:, c] = log_partition(s, excluded)
+        ids[:, c], scores[:, c] = metrics.top_k_exact(s, cols, length)
+    return ids, scores, capacity, log_z
 
 
 def _interest_lists(every: np.ndarray, mask: np.ndarray, length: int) -> Dict[str, np.ndarray]:
@@ -290,11 +348,14 @@ def _plain_list(batch: _Batch, m: int, item_cluster: np.ndarray, lam: float) -> 
     return metrics.global_from_cluster_lists(batch.ids[:, :, :m], batch.scores[:, :, :m], m)
 
 
-def _merge(batch: _Batch, m: int, alpha: float, merge: str = "quota") -> np.ndarray:
+def _merge(
+    batch: _Batch, m: int, alpha: float, merge: str = "quota", prompt_weight: float = 1.0
+) -> np.ndarray:
     """Merge of a batch's per-cluster lists for list size m (uniform p without intent).
 
     ``quota``: integer quotas (``trainer.quotas``), lists in cluster order;
-    ``score``: top-m by the joint score (``trainer.score_merge``), best first.
+    ``score``: top-m by the joint score (``trainer.score_merge``), best first; the batch's
+    lists must come from the queries of the same ``prompt_weight``.
     """
     # Imported here: both modules load TensorFlow, which NumPy-only callers do not need.
     from trainer import score_merge
@@ -303,7 +364,7 @@ def _merge(batch: _Batch, m: int, alpha: float, merge: str = "quota") -> np.ndar
     p = batch.intent if batch.intent is not None else np.ones(batch.capacity.shape)
     if merge == "score":
         ids, _, _ = score_merge.score_merge(
-            batch.scores[:, :, :m], batch.ids[:, :, :m], batch.log_z, p, alpha, m
+            batch.scores[:, :, :m], batch.ids[:, :, :m], batch.log_z, p, alpha, m, prompt_weight
         )
         return ids
     quotas = np.asarray(compute_quotas(p, m, alpha, batch.capacity), dtype=np.int64)
@@ -323,6 +384,32 @@ def _check_merge(merge: str) -> str:
     return merge
 
 
+def _check_weight(merge: str, prompt_weight: float) -> float:
+    """The prompt weight, checked; only the score merge blends queries."""
+    from trainer.score_merge import check_prompt_weight
+
+    w = check_prompt_weight(prompt_weight)
+    if merge != "score" and w != 1.0:
+        raise ValueError(f"prompt_weight={w} needs the score merge, not {merge!r}")
+    return w
+
+
+def _points(grids: Dict[str, Sequence[float]], prompt_weights: Sequence[float]) -> list:
+    """(merge, alpha, prompt_weight) selection points in tie-breaking order: the quota merge
+    at weight 1; the score merge at every weight, a single alpha at weight 0 (no offsets)."""
+    from trainer.score_merge import check_prompt_weight
+
+    weights = tuple(check_prompt_weight(w) for w in prompt_weights)
+    if not weights:
+        raise ValueError("prompt_weights must hold at least one weight")
+    points = []
+    for merge, alphas in grids.items():
+        alphas = [check_alpha(a) for a in alphas]
+        for w in weights if _check_merge(merge) == "score" else (1.0,):
+            points += [(merge, a, w) for a in (alphas[:1] if w == 0.0 else alphas)]
+    return points
+
+
 def evaluate(
     scorer: Scorer,
     histories: np.ndarray,
@@ -338,6 +425,7 @@ def evaluate(
     users: Optional[np.ndarray] = None,
     merge: str = "quota",
     diversity_lambda: float = 0.0,
+    prompt_weight: float = 1.0,
 ) -> EvaluationResult:
     """Exact Recall@M, within-cluster recall, intent accuracy and diversity.
 
@@ -365,6 +453,8 @@ def evaluate(
         diversity_lambda: multi-interest scorers: ComiRec's diversity weight for merging
             the interests' lists (``trainer.interest_merge.diversity_merge``; 0 merges by
             score, the paper's protocol).
+        prompt_weight: the score merge's blend of prompted and unprompted queries
+            (``trainer.score_merge``; 1 = the full score merge). The quota merge needs 1.
 
     Returns:
         The :class:`EvaluationResult`. ``within_cluster_recall`` is also the recall
@@ -385,8 +475,9 @@ def evaluate(
     lam = float(diversity_lambda)
     if not lam >= 0:
         raise ValueError(f"diversity_lambda must be >= 0, got {diversity_lambda}")
+    prompt_weight = _check_weight(merge, prompt_weight)
     batches = _batches(
-        scorer, data, max(ms), merged, batch_size, progress, memory_budget, interest_lists=lam > 0
+        scorer, data, max(ms), merged, batch_size, progress, memory_budget, lam > 0, prompt_weight
     )
     for batch in batches:
         has_intent = batch.intent is not None
@@ -397,10 +488,10 @@ def evaluate(
         rows = np.arange(batch.targets.shape[0])
         for m in ms:
             if merged:
-                lists = _merge(batch, m, used_alpha, merge)
+                lists = _merge(batch, m, used_alpha, merge, prompt_weight)
             else:
                 lists = _plain_list(batch, m, data.item_cluster, lam)
-                merged_lists = _merge(batch, m, used_alpha, merge)
+                merged_lists = _merge(batch, m, used_alpha, merge, prompt_weight)
                 add(f"merged_recall@{m}", metrics.hits(merged_lists, batch.targets))
             add(f"recall@{m}", metrics.hits(lists, batch.targets))
             if m == max(ms):
@@ -453,11 +544,13 @@ def select_merge(
     progress: Optional[bool] = None,
     memory_budget: int = MEMORY_BUDGET_BYTES,
     users: Optional[np.ndarray] = None,
+    prompt_weights: Sequence[float] = PROMPT_WEIGHT_GRID,
 ) -> MergeSelection:
-    """Picks the merge and its alpha with the best validation Recall@m.
+    """Picks the merge, its alpha and (score merge) its prompt weight with the best
+    validation Recall@m.
 
-    The per-cluster top lists are computed once per batch; only the (cheap)
-    merges are repeated for every (merge, alpha) point of the grids.
+    The towers run once per batch and the per-cluster top lists once per prompt weight;
+    only the (cheap) merges are repeated for every point of the grids.
 
     Args:
         scorer: the model; it must have an intent head.
@@ -468,27 +561,35 @@ def select_merge(
         merged: per-cluster lists from the conditioned tower (True) or from the
             unconditioned embedding (False, the merge column of plain models).
         batch_size, progress, memory_budget: as in :func:`evaluate`.
+        prompt_weights: the score merge's candidate weights (``PROMPT_WEIGHT_GRID``).
 
     Returns:
         The :class:`MergeSelection` (the first point in grid order wins ties).
     """
     (m,) = _check_m((m,))
     grids = MERGE_GRIDS if grids is None else grids
-    points = [(_check_merge(g), check_alpha(a)) for g, alphas in grids.items() for a in alphas]
+    points = _points(grids, prompt_weights)
     if not points:
         raise ValueError("grids must hold at least one alpha")
+    weights = tuple(dict.fromkeys(w for _, _, w in points))
     data = _prepare(scorer, histories, targets, exclude, item_cluster, users)
     found = {point: 0.0 for point in points}
-    for batch in _batches(scorer, data, m, merged, batch_size, progress, memory_budget):
-        if batch.intent is None:
+    batches = _weighted_batches(
+        scorer, data, m, merged, batch_size, progress, memory_budget, False, weights
+    )
+    for group in batches:
+        if group[0].intent is None:
             raise ValueError("merge selection needs a scorer with intent (intent() returned None)")
-        for merge, a in points:
-            hits = metrics.hits(_merge(batch, m, a, merge), batch.targets)
-            found[(merge, a)] += float(np.sum(hits))
+        for merge, a, w in points:
+            batch = group[weights.index(w)]
+            hits = metrics.hits(_merge(batch, m, a, merge, w), batch.targets)
+            found[(merge, a, w)] += float(np.sum(hits))
     users = data.histories.shape[0]
     recalls = {point: found[point] / users for point in points}
     best = max(points, key=lambda point: (recalls[point], -points.index(point)))
-    return MergeSelection(merge=best[0], alpha=best[1], m=m, recalls=recalls, users=users)
+    return MergeSelection(
+        merge=best[0], alpha=best[1], m=m, recalls=recalls, users=users, prompt_weight=best[2]
+    )
 
 
 def selection_grids(
@@ -532,9 +633,9 @@ def select_alpha(
         raise ValueError("grid must hold at least one alpha")
     sel = select_merge(
         scorer, histories, targets, exclude, item_cluster, {merge: alphas}, m, merged,
-        batch_size, progress, memory_budget, users,
+        batch_size, progress, memory_budget, users, prompt_weights=(1.0,),
     )  # fmt: skip
-    recalls = {a: r for (_, a), r in sel.recalls.items()}
+    recalls = {a: r for (_, a, _), r in sel.recalls.items()}
     return AlphaSelection(alpha=sel.alpha, m=sel.m, recalls=recalls, users=sel.users)
 
 
@@ -551,6 +652,7 @@ def retrieve(
     memory_budget: int = MEMORY_BUDGET_BYTES,
     users: Optional[np.ndarray] = None,
     merge: str = "quota",
+    prompt_weight: float = 1.0,
 ) -> np.ndarray:
     """The M items :func:`evaluate` returns to every user (for inspection and tests).
 
@@ -562,11 +664,16 @@ def retrieve(
     (m,) = _check_m((m,))
     _check_merge(merge)
     alpha = check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
+    prompt_weight = _check_weight(merge, prompt_weight)
     data = _prepare(scorer, histories, None, exclude, item_cluster, users)
     out = []
-    for batch in _batches(scorer, data, m, merged, batch_size, progress, memory_budget):
+    batches = _batches(
+        scorer, data, m, merged, batch_size, progress, memory_budget, False, prompt_weight
+    )
+    for batch in batches:
         if merged:
-            lists = _merge(batch, m, alpha if batch.intent is not None else 0.0, merge)
+            used = alpha if batch.intent is not None else 0.0
+            lists = _merge(batch, m, used, merge, prompt_weight)
         else:
             lists = metrics.global_from_cluster_lists(batch.ids, batch.scores, m)
         out.append(lists[:, :m])

@@ -286,27 +286,32 @@ class MergeSelection:
         merge: the selected merge (``quota`` or ``score``).
         alpha: its selected alpha.
         m: the list size M used for selection.
-        recalls: (merge, alpha) -> validation Recall@M, in grid order.
+        recalls: (merge, alpha, prompt_weight) -> validation Recall@M, in grid order.
         users: validation users.
+        prompt_weight: the selected prompt weight (score merge; 1 for the quota merge).
     """
 
     merge: str
     alpha: float
     m: int
-    recalls: Dict[Tuple[str, float], float]
+    recalls: Dict[Tuple[str, float, float], float]
     users: int
+    prompt_weight: float = 1.0
 
     def to_json(self) -> Dict[str, object]:
-        """Flat JSON-safe dict: ``recall@M[alpha=A]`` for the quota merge (the
-        keys of earlier reports), ``recall@M[score,alpha=A]`` for the score merge."""
+        """Flat JSON-safe dict: ``recall@M[alpha=A]`` for the quota merge (the keys of
+        earlier reports), ``recall@M[score,alpha=A]`` for the score merge at weight 1 and
+        ``recall@M[score,alpha=A,w=W]`` at other prompt weights."""
         out: Dict[str, object] = {}
-        for (merge, a), r in self.recalls.items():
+        for (merge, a, w), r in self.recalls.items():
             tag = "" if merge == "quota" else f"{merge},"
-            out[f"recall@{self.m}[{tag}alpha={alpha_label(a)}]"] = r
+            weight = "" if w == 1.0 else f",w={w:g}"
+            out[f"recall@{self.m}[{tag}alpha={alpha_label(a)}{weight}]"] = r
         out.update(
             {
                 "merge": self.merge,
                 "alpha": alpha_label(self.alpha),
+                "prompt_weight": self.prompt_weight,
                 "m": self.m,
                 "users": self.users,
             }
@@ -315,8 +320,10 @@ class MergeSelection:
 
     def format_table(self) -> str:
         """The grid as a printed table, the selected point marked with ``*``."""
-        lines = [f"{'merge':>6} {'alpha':>8}  recall@{self.m}"]
-        for (merge, a), r in self.recalls.items():
-            mark = " *" if (merge, a) == (self.merge, self.alpha) else ""
-            lines.append(f"{merge:>6} {a:>8g}  {r:.4f}{mark}")
+        chosen = (self.merge, self.alpha, self.prompt_weight)
+        lines = [f"{'merge':>6} {'alpha':>8} {'w':>5}  recall@{self.m}"]
+        for point, r in self.recalls.items():
+            merge, a, w = point
+            mark = " *" if point == chosen else ""
+            lines.append(f"{merge:>6} {a:>8g} {w:>5g}  {r:.4f}{mark}")
         return "\n".join(lines)

@@ -17,6 +17,7 @@ from trainer import data, losses, towers
 from trainer.config import INTENT_ENCODERS, SOFTMAX_SCOPES, ModelConfig, Variant
 from trainer.intent import PooledHistoryEncoder
 from trainer.multi_interest import MultiInterestEncoder
+from trainer.shared_negatives import SHARED_SAMPLERS, SharedNegativeSampler, in_cluster_loss
 
 # Uniform negatives shared by every position of a batch in the global head of the
 # ``implied`` intent (one [S, d] x [d, 1024] matmul a step).
@@ -43,6 +44,11 @@ class RetrievalModel(tfrs.Model):
             trained by a sampled softmax over all items: ``implied_intent``).
         intent_recency: initial recency slope of the pooled intent encoders' position
             logits (``PooledHistoryEncoder``).
+        shared_negatives: > 0: the sampled softmax scores negatives shared by the batch,
+            drawn in the step (``trainer.shared_negatives``: this many per cluster,
+            stratified for in-cluster variants, ``K`` times this many uniform for global
+            ones), which also train the ``implied`` intent's global head; 0: the
+            per-position negatives of the batch (``data.NEGATIVES``).
         item_cluster: [N + 1] cluster of each model item id (``-1`` for PAD_ID); needed by
             the ``softmax`` loss of in-cluster variants, by ``pooled-clusters`` and ``implied``.
 
@@ -63,6 +69,7 @@ class RetrievalModel(tfrs.Model):
         item_cluster: Optional[np.ndarray] = None,
         softmax_scope: str = "auto",
         intent_recency: float = 0.0,
+        shared_negatives: int = 0,
     ) -> None:
         super().__init__()
         if intent_encoder not in INTENT_ENCODERS:
@@ -136,6 +143,36 @@ class RetrievalModel(tfrs.Model):
             self.cluster_embedding = tf.keras.layers.Embedding(num_clusters, dim)
         self.global_loss = losses.SampledSoftmaxLoss()
         self.intent_loss = losses.IntentLoss()
+        self.shared_sampler = None
+        if shared_negatives:
+            self.shared_sampler = self._shared_sampler(loss, item_cluster, int(shared_negatives))
+            self._per_sample_loss = self._unreduced_loss(loss)
+
+    @staticmethod
+    def _unreduced_loss(loss: str):
+        """``(pos, neg, valid, log_q) -> [S]`` per-sample losses of ``loss`` (BCE: no log-Q)."""
+        if loss == "bce":
+            bce = losses.SampledBinaryCrossEntropy(reduction="none")
+            return lambda pos, neg, valid, log_q: bce(pos, neg, valid)
+        softmax = losses.SampledSoftmaxLoss(reduction="none")
+        return lambda pos, neg, valid, log_q: softmax(pos, neg, valid, log_q)
+
+    def _shared_sampler(self, loss, item_cluster, per_cluster: int) -> SharedNegativeSampler:
+        """The batch-shared sampler of ``shared_negatives``, or ValueError."""
+        if loss not in ("sampled-softmax", "bce"):
+            raise ValueError(
+                f"shared negatives need a sampled loss (bce, sampled-softmax), not {loss!r}"
+            )
+        if self.variant.sampler not in SHARED_SAMPLERS:
+            raise ValueError(
+                f"shared negatives need a sampler in {SHARED_SAMPLERS}; "
+                f"{self.variant.name} samples {self.variant.sampler!r}"
+            )
+        if item_cluster is None:
+            raise ValueError("shared negatives need item_cluster")
+        return SharedNegativeSampler(
+            item_cluster, self.num_clusters, self.variant.sampler, per_cluster
+        )
 
     @property
     def conditioned(self) -> bool:
@@ -217,18 +254,36 @@ class RetrievalModel(tfrs.Model):
         return tf.transpose(mass)
 
     def global_head_loss(
-        self, unprompted: tf.Tensor, target: tf.Tensor, negatives: Optional[tf.Tensor] = None
+        self,
+        unprompted: tf.Tensor,
+        target: tf.Tensor,
+        negatives: Optional[tf.Tensor] = None,
+        shared=None,
     ) -> tf.Tensor:
         """Sampled softmax of unprompted outputs [S, d] over all items: the target [S]
         against ``negatives`` [G] shared by the batch (default: ``IMPLIED_NEGATIVES``
-        uniform draws; accidental hits masked; uniform draws need no log-Q correction)."""
+        uniform draws; accidental hits masked; uniform draws need no log-Q correction),
+        or against the step's ``shared`` draw ``(SharedDraw, vectors [G, d])``, log-Q
+        corrected by its stratified draw probabilities."""
+        positive = tf.reduce_sum(unprompted * self.candidate_embeddings(target), axis=-1)
+        if shared is not None:
+            draw, vectors = shared
+            negative = tf.matmul(unprompted, vectors, transpose_b=True)
+            valid = self.shared_sampler.global_valid(draw, target)
+            return self.global_loss(positive, negative, valid=valid, log_q=draw.global_log_q)
         if negatives is None:
             count = min(IMPLIED_NEGATIVES, self.num_items)
             negatives = tf.random.uniform([count], 1, self.num_items + 1, dtype=tf.int32)
-        positive = tf.reduce_sum(unprompted * self.candidate_embeddings(target), axis=-1)
         negative = tf.matmul(unprompted, self.candidate_embeddings(negatives), transpose_b=True)
         valid = tf.not_equal(negatives[None, :], tf.cast(target, tf.int32)[:, None])
         return self.global_loss(positive, negative, valid=valid)
+
+    def _shared_draw(self):
+        """This step's ``(SharedDraw, vectors [G, d])``, or None (per-position negatives)."""
+        if self.shared_sampler is None:
+            return None
+        draw = self.shared_sampler.sample()
+        return draw, self.candidate_embeddings(draw.ids)
 
     def _intent_inputs(self, history: tf.Tensor, isolate) -> tf.Tensor:
         """What the pooled intent encoders read at each history position [..., d]."""
@@ -311,9 +366,10 @@ class RetrievalModel(tfrs.Model):
         negatives: Optional[tf.Tensor],
         valid: Optional[tf.Tensor],
         log_q: Optional[tf.Tensor],
+        shared=None,
     ) -> tf.Tensor:
         """Mean retrieval loss of samples: user [S, d], target/target_cluster [S],
-        negatives/valid/log_q [S, N] (unused by ``softmax``)."""
+        negatives/valid/log_q [S, N] (unused by ``softmax`` and with a ``shared`` draw)."""
         if isinstance(self.retrieval_loss, losses.FullSoftmaxLoss):
             candidates = self.candidate_embeddings(tf.range(self.num_items + 1))
             logits = tf.matmul(user, candidates, transpose_b=True)  # [S, N + 1]
@@ -325,8 +381,20 @@ class RetrievalModel(tfrs.Model):
                 allowed = tf.range(self.num_items + 1)[None, :] > 0
             return self.retrieval_loss(logits, target, allowed)
         positive = self.candidate_embeddings(target)
-        negative_vectors = self.candidate_embeddings(negatives)
         positive_logits = tf.reduce_sum(user * positive, axis=-1)
+        if shared is not None:
+            draw, vectors = shared
+            if self.shared_sampler.mode == "in_cluster":
+                return in_cluster_loss(
+                    self.shared_sampler, self._per_sample_loss, user, positive_logits,
+                    target, target_cluster, draw, vectors,
+                )  # fmt: skip
+            negative_logits = tf.matmul(user, vectors, transpose_b=True)  # [S, G]
+            valid = self.shared_sampler.valid(draw, target, target_cluster)
+            log_q = tf.broadcast_to(draw.log_q, tf.shape(negative_logits))
+            per_sample = self._per_sample_loss(positive_logits, negative_logits, valid, log_q)
+            return tf.reduce_mean(per_sample)
+        negative_vectors = self.candidate_embeddings(negatives)
         negative_logits = tf.einsum("bd,bnd->bn", user, negative_vectors)
         if isinstance(self.retrieval_loss, losses.SampledSoftmaxLoss):
             return self.retrieval_loss(positive_logits, negative_logits, valid=valid, log_q=log_q)
@@ -346,6 +414,7 @@ class RetrievalModel(tfrs.Model):
             user = self._interest_user(history, target, training=training)
         else:
             user = self.user_embedding(history, task, inputs.get(data.USER), training=training)
+        shared = self._shared_draw()
         loss = self._retrieval_loss(
             user,
             target,
@@ -353,12 +422,13 @@ class RetrievalModel(tfrs.Model):
             inputs.get(data.NEGATIVES),
             inputs.get(data.NEGATIVES_VALID),
             inputs.get(data.NEGATIVES_LOG_Q),
+            shared,
         )
         if self.intent_weight > 0 and self.intent_encoder_kind == "implied":
             # Plain variants' own global loss already trains this head.
             if self.variant.merged:
                 h = user if not self.conditioned else self._unprompted(history, training)
-                loss += self.intent_weight * self.global_head_loss(h, target)
+                loss += self.intent_weight * self.global_head_loss(h, target, shared=shared)
         elif self.intent_weight > 0:
             intent = self.intent(history, training=training)
             loss += self.intent_weight * self.intent_loss(intent, target_cluster)
@@ -385,6 +455,7 @@ class RetrievalModel(tfrs.Model):
         def pick(x):
             return None if x is None else tf.gather_nd(x, where)
 
+        draw = self._shared_draw()
         loss = self._retrieval_loss(
             pick(user),
             pick(target),
@@ -392,11 +463,13 @@ class RetrievalModel(tfrs.Model):
             pick(inputs.get(data.NEGATIVES)),
             pick(inputs.get(data.NEGATIVES_VALID)),
             pick(inputs.get(data.NEGATIVES_LOG_Q)),
+            draw,
         )
         if self.intent_weight > 0 and self.intent_encoder_kind == "implied":
             if self.variant.merged:
                 h = self._unprompted_sequence(history, training) if shared is None else shared[1]
-                loss += self.intent_weight * self.global_head_loss(pick(h), pick(target))
+                head = self.global_head_loss(pick(h), pick(target), shared=draw)
+                loss += self.intent_weight * head
         elif self.intent_weight > 0:
             if shared is None:
                 intent = self.sequence_intent(history, training=training)

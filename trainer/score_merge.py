@@ -20,6 +20,16 @@ the per-cluster lists by the joint score, which is exact whenever every cluster
 list holds at least M candidates (evaluation and the exported graph both
 ensure it).
 
+The prompt weight ``w`` (``prompt_weight``) blends this with the plain global ranking
+of the unprompted output ``u_K`` (task ``K``): each cluster is searched with
+
+    q_k = (1 - w) u_K + w u_k,     joint(i) = q_k . e_i + w * (alpha log p_k - log Z_k(q_k)),
+
+so ``w = 1`` is the score merge above and ``w = 0`` the global top-M of ``u_K`` (every
+cluster queried by the same vector, no offsets: the union's top-M is the global one).
+In between, the prompts and the intent move items by a fraction of their full effect;
+``w`` is selected on validation with ``alpha`` (``trainer.evaluation.select_merge``).
+
 ``log Z`` is computed exactly over each cluster's unseen items: in evaluation
 from the exact scores, in the SavedModel from one matmul per cluster against
 the cluster's embedding table (``N * d`` multiply-adds a request, the cost of
@@ -45,6 +55,31 @@ MERGES = ("quota", "score")
 MAX_ALPHA = 1e4
 # Intent probabilities are floored so that log p stays finite.
 MIN_PROBABILITY = 1e-30
+# w = 1: the full score merge (no unprompted query needed).
+DEFAULT_PROMPT_WEIGHT = 1.0
+
+
+def check_prompt_weight(value: float) -> float:
+    """``value`` as a float in [0, 1], else ValueError."""
+    w = float(value)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"prompt_weight must be in [0, 1], got {value}")
+    return w
+
+
+def blend_queries(prompted: np.ndarray, unprompted: np.ndarray, weight: float) -> np.ndarray:
+    """``(1 - w) u_K + w u_k``: prompted [B, K, d], unprompted [B, d] -> [B, K, d]."""
+    w = check_prompt_weight(weight)
+    prompted = np.asarray(prompted, np.float32)
+    if w == 1.0:
+        return prompted
+    unprompted = np.asarray(unprompted, np.float32)
+    if unprompted.shape != (prompted.shape[0], prompted.shape[2]):
+        raise ValueError(
+            f"unprompted must be [B, d] = {(prompted.shape[0], prompted.shape[2])}, "
+            f"got {unprompted.shape}"
+        )
+    return (w * prompted + (1.0 - w) * unprompted[:, None, :]).astype(np.float32)
 
 
 def check_merge(merge: str) -> str:
@@ -81,8 +116,14 @@ def _prior(log_p: np.ndarray, alpha: float) -> np.ndarray:
     return alpha * log_p
 
 
-def joint_scores(scores: np.ndarray, log_z: np.ndarray, p: np.ndarray, alpha: float) -> np.ndarray:
-    """``alpha * log p_k + s - log Z_k`` of every candidate; ``-inf`` stays ``-inf``.
+def joint_scores(
+    scores: np.ndarray,
+    log_z: np.ndarray,
+    p: np.ndarray,
+    alpha: float,
+    prompt_weight: float = DEFAULT_PROMPT_WEIGHT,
+) -> np.ndarray:
+    """``s + w * (alpha * log p_k - log Z_k)`` of every candidate; ``-inf`` stays ``-inf``.
 
     Args:
         scores: [B, K, L] per-cluster candidate scores (``-inf`` for empty slots).
@@ -90,7 +131,10 @@ def joint_scores(scores: np.ndarray, log_z: np.ndarray, p: np.ndarray, alpha: fl
         p: [B, K] intent probabilities.
         alpha: intent exponent >= 0; ``inf`` orders whole clusters by intent
             (``MAX_ALPHA * (log p - max log p)``).
+        prompt_weight: ``w`` in [0, 1], the weight of the offsets (the scores must come
+            from the blended queries of the same ``w``: :func:`blend_queries`).
     """
+    w = check_prompt_weight(prompt_weight)
     scores = np.asarray(scores, np.float64)
     log_z = np.asarray(log_z, np.float64)
     p = np.asarray(p, np.float64)
@@ -101,26 +145,32 @@ def joint_scores(scores: np.ndarray, log_z: np.ndarray, p: np.ndarray, alpha: fl
         )
     prior = _prior(np.log(np.maximum(p, MIN_PROBABILITY)), alpha)
     finite_z = np.where(np.isfinite(log_z), log_z, 0.0)
-    out = scores - finite_z[..., None] + prior[..., None]
+    out = scores + w * (prior - finite_z)[..., None]
     return np.where(np.isneginf(scores), -np.inf, out)
 
 
 def score_merge(
-    scores: np.ndarray, ids: np.ndarray, log_z: np.ndarray, p: np.ndarray, alpha: float, m: int
+    scores: np.ndarray,
+    ids: np.ndarray,
+    log_z: np.ndarray,
+    p: np.ndarray,
+    alpha: float,
+    m: int,
+    prompt_weight: float = DEFAULT_PROMPT_WEIGHT,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top ``m`` of the union of the per-cluster lists by joint score.
 
     Args:
         scores: [B, K, L] per-cluster candidate scores, each list sorted descending.
         ids: [B, K, L] their item ids (``PAD_ID`` with ``-inf`` for empty slots).
-        log_z, p, alpha: as in :func:`joint_scores`.
+        log_z, p, alpha, prompt_weight: as in :func:`joint_scores`.
         m: list size.
 
     Returns:
         ``(ids [B, m], joint scores [B, m] float32, clusters [B, m] int32)``, best
         first; short rows padded with ``PAD_ID``, ``-inf`` and ``-1``.
     """
-    joint = joint_scores(scores, log_z, p, alpha)
+    joint = joint_scores(scores, log_z, p, alpha, prompt_weight)
     b, k, length = joint.shape
     m = int(m)
     if not 0 <= m <= k * length:
@@ -141,11 +191,20 @@ def log_partition_tf(scores: tf.Tensor, excluded: tf.Tensor) -> tf.Tensor:
     return safe + tf.math.log(tf.reduce_sum(tf.exp(s - safe[:, None]), axis=-1))
 
 
-def score_merge_tf(scores, ids, log_z, p, alpha, m: tf.Tensor):
+def blend_queries_tf(prompted: tf.Tensor, unprompted: tf.Tensor, weight: float) -> tf.Tensor:
+    """TensorFlow version of :func:`blend_queries` (``weight`` a Python float)."""
+    w = check_prompt_weight(weight)
+    if w == 1.0:
+        return prompted
+    return w * prompted + (1.0 - w) * unprompted[:, None, :]
+
+
+def score_merge_tf(scores, ids, log_z, p, alpha, m: tf.Tensor, prompt_weight: float = 1.0):
     """TensorFlow version of :func:`score_merge`; K and L must be static.
 
-    ``alpha`` and ``m`` may be tensors (``m`` <= K * L).
+    ``alpha`` and ``m`` may be tensors (``m`` <= K * L); ``prompt_weight`` is a float.
     """
+    w = check_prompt_weight(prompt_weight)
     scores = tf.cast(scores, tf.float32)
     log_z = tf.cast(log_z, tf.float32)
     alpha = tf.cast(alpha, tf.float32)
@@ -157,7 +216,7 @@ def score_merge_tf(scores, ids, log_z, p, alpha, m: tf.Tensor):
         tf.where(alpha > 0, alpha * log_p, tf.zeros_like(log_p)),
     )
     finite_z = tf.where(tf.math.is_finite(log_z), log_z, tf.zeros_like(log_z))
-    joint = scores - finite_z[..., None] + prior[..., None]
+    joint = scores + w * (prior - finite_z)[..., None]
     neg_inf = tf.constant(-np.inf, tf.float32)
     joint = tf.where(tf.math.is_inf(scores) & (scores < 0), neg_inf, joint)
     available = tf.reduce_sum(tf.cast(~(tf.math.is_inf(joint) & (joint < 0)), tf.int32), -1)

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from preprocessing import features, fileio
-from trainer import data, evaluation, sequence_data
+from trainer import data, evaluation, multiworker, sequence_data
 from trainer.config import ModelConfig, TrainConfig, get_variant
 from trainer.model import RetrievalModel
 from trainer.samplers import ClusterTable, NegativeSampler
@@ -179,6 +179,7 @@ def build_model(config: TrainConfig, items: data.ItemsTable) -> RetrievalModel:
         item_cluster=items.item_cluster,
         softmax_scope=config.softmax_scope,
         intent_recency=config.intent_recency,
+        shared_negatives=config.shared_negatives,
     )
 
 
@@ -194,7 +195,7 @@ def make_dataset(
     """
     table = ClusterTable(items.item_cluster[1:], items.num_clusters)
     sampler = None
-    if config.loss != "softmax":
+    if config.loss != "softmax" and not config.shared_negatives:
         sampler = NegativeSampler(
             table,
             mode=get_variant(config.variant).sampler,
@@ -305,7 +306,7 @@ def train(
         )
     steps = config.steps_per_epoch or steps
     strategy = strategy or tf.distribute.get_strategy()
-    dataset = make_dataset(config, items, split)
+    dataset = make_dataset(config, items, split).with_options(_distribute_options())
     with strategy.scope():
         model = build_model(config, items)
         model.compile(optimizer=tf.keras.optimizers.Adam(config.learning_rate))
@@ -325,14 +326,40 @@ def train(
         {key: float(values[i]) for key, values in fit.history.items()}
         for i in range(len(fit.history.get("loss", [])))
     ]
-    model_dir = save_model(model, config, history)
+    model_dir = save_model(model, config, history, strategy)
     return TrainResult(model_dir=model_dir, history=history, samples_per_epoch=samples)
 
 
-def save_model(model: RetrievalModel, config: TrainConfig, history: List[Dict[str, float]]) -> str:
-    """Writes weights + ``model.json`` to ``config.output/model`` atomically."""
+def _distribute_options() -> tf.data.Options:
+    """Multi-worker input: every worker builds the same seeded batches and keeps its share.
+
+    The training data is in memory (not files), so it is sharded by element (``DATA``);
+    single-process strategies ignore the setting.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
+
+
+def save_model(
+    model: RetrievalModel,
+    config: TrainConfig,
+    history: List[Dict[str, float]],
+    strategy: Optional[tf.distribute.Strategy] = None,
+) -> str:
+    """Writes weights + ``model.json`` to ``config.output/model`` atomically.
+
+    Under a multi-worker strategy every worker saves (saving may take part in
+    collectives), but only the chief publishes ``config.output/model``; the others
+    write to a temporary directory that is removed (``trainer.multiworker.write_dir``).
+
+    Returns:
+        ``config.output/model`` (on every worker: where the chief put the model).
+    """
     final = os.path.join(config.output, MODEL_SUBDIR)
-    staging = fileio.staging_path(final)
+    strategy = strategy or tf.distribute.get_strategy()
+    chief = multiworker.is_chief(strategy)
+    staging = fileio.staging_path(final) if chief else multiworker.write_dir(final, strategy)
     os.makedirs(staging)
     try:
         model.save_weights(os.path.join(staging, WEIGHTS))
@@ -340,10 +367,13 @@ def save_model(model: RetrievalModel, config: TrainConfig, history: List[Dict[st
             json.dump(
                 {"config": dataclasses.asdict(config), "history": history}, f, indent=2, default=str
             )
-        fileio.publish_dir(staging, final)
+        if chief:
+            fileio.publish_dir(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if not chief:
+        shutil.rmtree(staging, ignore_errors=True)
     return final
 
 

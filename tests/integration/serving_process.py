@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Sequence
 
 import grpc
 import pytest
@@ -54,8 +54,11 @@ def _model_flags(models: Dict[str, str]) -> List[str]:
 
 
 @contextlib.contextmanager
-def dnc_serve(base: str, name: str, **more: str) -> Iterator[Dict[str, object]]:
-    """Serves ``base`` (BASE/NAME) as ``name`` (and ``more`` name=base models).
+def dnc_serve(
+    base: str, name: str, *, flags: Sequence[str] = (), **more: str
+) -> Iterator[Dict[str, object]]:
+    """Serves ``base`` (BASE/NAME) as ``name`` (and ``more`` name=base models), with
+    further ``dnc serve`` ``flags``.
 
     Yields the channel, the gRPC target and the REST URL once every model is available.
     The server must exit cleanly (code 0) on SIGTERM when the block ends.
@@ -65,7 +68,7 @@ def dnc_serve(base: str, name: str, **more: str) -> Iterator[Dict[str, object]]:
         [sys.executable, "-m", "pipeline", "--log-level=WARNING", "serve"]
         + [f"--port={grpc_port}", f"--rest_api_port={rest_port}"]
         + _model_flags({name: base, **more})
-        + ["--file_system_poll_wait_seconds=0.5"],
+        + ["--file_system_poll_wait_seconds=0.5", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -100,7 +100,9 @@ def _to_model_ids(items, raw_ids):
     return np.vectorize(lambda x: index.get(x, 0), otypes=[np.int64])(raw_ids)
 
 
-def _reference(tiny_data, exported, requests, m, max_history, merge="quota", alpha=None):
+def _reference(
+    tiny_data, exported, requests, m, max_history, merge="quota", alpha=None, prompt_weight=1.0
+):
     model, _ = load_model(exported["model_dir"], tiny_data)
     ev = requests["ev"]
     return evaluation.retrieve(
@@ -112,6 +114,7 @@ def _reference(tiny_data, exported, requests, m, max_history, merge="quota", alp
         alpha=exported["alpha"] if alpha is None else alpha,
         progress=False,
         merge=merge,
+        prompt_weight=prompt_weight,
     )
 
 
@@ -138,27 +141,39 @@ def test_brute_force_export_matches_the_exact_evaluation_path(tiny_data, exporte
     assert np.all(np.diff(out["scores"], axis=1) <= 0)  # best first
 
 
-@pytest.mark.parametrize("alpha", [1.0, 0.0])
+@pytest.mark.parametrize("alpha,weight", [(1.0, 1.0), (0.0, 1.0), (1.0, 0.5), (2.0, 0.0)])
 def test_score_merge_export_matches_the_exact_evaluation_path(
-    tiny_data, exported, requests, tmp_path, alpha
+    tiny_data, exported, requests, tmp_path, alpha, weight
 ):
-    """The SavedModel's score merge (exact log-partitions in the graph) = evaluation's."""
+    """The SavedModel's score merge (exact log-partitions in the graph, blended queries at
+    prompt weights below 1) = evaluation's."""
     path = export_model(
         exported["model_dir"], tiny_data, str(tmp_path / "dnc"), merge="score", alpha=alpha,
-        **BRUTE,
+        prompt_weight=weight, **BRUTE,
     )  # fmt: skip
     with open(os.path.join(path, METADATA_DIR, METADATA_FILE)) as f:
-        assert json.load(f)["merge"] == "score"
+        metadata = json.load(f)
+    assert metadata["merge"] == "score" and metadata["prompt_weight"] == weight
     m = BRUTE["max_num_results"]
     out = _serve(load_exported(path), requests["raw"], alpha, m)
     _check_lists(out, requests["raw"], m)
     served = _to_model_ids(requests["items"], out["item_ids"])
     reference = _reference(
-        tiny_data, exported, requests, m, BRUTE["max_history"], merge="score", alpha=alpha
+        tiny_data, exported, requests, m, BRUTE["max_history"], "score", alpha, weight
     )
     np.testing.assert_array_equal(served, reference)  # same items, same order
     assert np.all(np.diff(out["scores"], axis=1) <= 0)
-    if alpha == 1.0:  # log-probabilities of a distribution over the unseen catalogue
+    if weight == 0.0:  # the unprompted global ranking: the plain path's lists
+        model, _ = load_model(exported["model_dir"], tiny_data)
+        ev = requests["ev"]
+        plain = evaluation.retrieve(
+            ModelScorer(model), ev.histories, [h[-BRUTE["max_history"] :] for h in ev.exclude],
+            requests["items"].item_cluster, m=m, merged=False, progress=False,
+        )  # fmt: skip
+        np.testing.assert_array_equal(served, plain)
+    if (
+        alpha == 1.0 and weight == 1.0
+    ):  # log-probabilities of a distribution over the unseen catalogue
         assert np.all(np.exp(out["scores"].astype(np.float64)).sum(-1) <= 1.0 + 1e-5)
 
 

@@ -126,10 +126,85 @@ def test_merge_selection_covers_both_merges():
     histories = rng.integers(1, num_items + 1, size=(30, 6))
     targets = rng.integers(1, num_items + 1, size=30)
     sel = evaluation.select_merge(scorer, histories, targets, None, item_cluster, m=10)
-    assert {g for g, _ in sel.recalls} == {"quota", "score"}
-    assert sel.recalls[(sel.merge, sel.alpha)] == max(sel.recalls.values())
+    assert {g for g, _, _ in sel.recalls} == {"quota", "score"}
+    assert sel.recalls[(sel.merge, sel.alpha, sel.prompt_weight)] == max(sel.recalls.values())
+    assert {w for g, _, w in sel.recalls if g == "quota"} == {1.0}
+    weights = [w for g, _, w in sel.recalls if g == "score"]
+    assert set(weights) == set(evaluation.PROMPT_WEIGHT_GRID) and weights.count(0.0) == 1
     keys = sel.to_json()
     assert "recall@10[alpha=1]" in keys and "recall@10[score,alpha=1]" in keys
+    assert "recall@10[score,alpha=1,w=0.5]" in keys
     assert evaluation.selection_grids("score", 2.0) == {"score": (2.0,)}
     with pytest.raises(ValueError, match="unknown merge"):
         evaluation.selection_grids("best")
+
+
+def test_blended_joint_scores_weight_the_offsets():
+    rng = np.random.default_rng(9)
+    scores, _, log_z, p = _lists(rng, empty_tail=False)
+    for w in (0.0, 0.3, 1.0):
+        got = score_merge.joint_scores(scores, log_z, p, 2.0, w)
+        want = scores + w * (2.0 * np.log(p) - log_z)[..., None]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="prompt_weight"):
+        score_merge.joint_scores(scores, log_z, p, 1.0, 1.5)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.4, 1.0])
+def test_tensorflow_blend_equals_numpy(w):
+    rng = np.random.default_rng(10)
+    prompted = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    plain = rng.normal(size=(3, 5)).astype(np.float32)
+    want = score_merge.blend_queries(prompted, plain, w)
+    np.testing.assert_allclose(want[:, 2], w * prompted[:, 2] + (1 - w) * plain, rtol=1e-6)
+    got = score_merge.blend_queries_tf(tf.constant(prompted), tf.constant(plain), w).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    scores, ids, log_z, p = _lists(rng)
+    want = score_merge.score_merge(scores, ids, log_z, p, 1.0, 9, w)
+    got = score_merge.score_merge_tf(
+        tf.constant(scores), tf.constant(ids), tf.constant(log_z), tf.constant(p), 1.0, 9, w
+    )
+    np.testing.assert_array_equal(got[0].numpy(), want[0])
+    np.testing.assert_allclose(got[1].numpy(), want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_weight_zero_is_the_unprompted_global_ranking():
+    """w = 0: every cluster is queried by u_K with no offsets, so the merged list is the
+    plain model's global top-M; w = 1 is the score merge of the prompted queries."""
+    num_items, k = 50, 4
+    scorer = MeanPoolScorer.random(num_items=num_items, num_tasks=k, dim=6, seed=11)
+    rng = np.random.default_rng(11)
+    item_cluster = np.concatenate([[-1], rng.integers(0, k, num_items)])
+    histories = rng.integers(1, num_items + 1, size=(25, 6))
+    blended = evaluation.retrieve(
+        scorer, histories, None, item_cluster, m=12, merge="score", prompt_weight=0.0
+    )
+    plain = evaluation.retrieve(scorer, histories, None, item_cluster, m=12, merged=False)
+    np.testing.assert_array_equal(blended, plain)
+    full = evaluation.retrieve(scorer, histories, None, item_cluster, m=12, merge="score")
+    assert not np.array_equal(full, plain)  # the prompts and the intent do move items
+    with pytest.raises(ValueError, match="needs the score merge"):
+        evaluation.retrieve(scorer, histories, None, item_cluster, m=5, prompt_weight=0.5)
+
+
+def test_blended_joint_score_lists_match_the_brute_force_blend():
+    """w = 0.5 in evaluation: each cluster's list ranks by the blended query's scores."""
+    num_items, k, w = 40, 3, 0.5
+    scorer = MeanPoolScorer.random(num_items=num_items, num_tasks=k, dim=5, seed=12)
+    rng = np.random.default_rng(12)
+    item_cluster = np.concatenate([[-1], rng.integers(0, k, num_items)])
+    histories = rng.integers(1, num_items + 1, size=(10, 4))
+    data = evaluation._prepare(scorer, histories, None, None, item_cluster)
+    (batch,) = evaluation._batches(scorer, data, 5, True, 64, False, 2**30, prompt_weight=w)
+    items = scorer.item_embeddings()
+    for row, history in enumerate(histories):
+        tasks = np.arange(k + 1)
+        u = scorer.user_embeddings(np.repeat(history[None], k + 1, 0), tasks)
+        for c in range(k):
+            q = w * u[c] + (1 - w) * u[k]
+            cols = [i for i in np.flatnonzero(item_cluster == c) if i not in set(history)]
+            s = items[cols] @ q
+            best = np.asarray(cols)[np.argsort(-s, kind="stable")[:5]]
+            np.testing.assert_array_equal(batch.ids[row, c, : len(best)], best)
+            z = np.log(np.exp(s.astype(np.float64)).sum())
+            assert batch.log_z[row, c] == pytest.approx(z, rel=1e-5)

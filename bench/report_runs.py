@@ -1,0 +1,92 @@
+"""Benchmark report of models trained and evaluated with the plain commands.
+
+For runs made with ``dnc train`` and ``dnc evaluate --json`` (rather than a benchmark
+driver), this collects each run's test figures, its validation selection and its training
+log (epochs, best epoch, monitor recall, median targets/s from ``model.json``) into one
+JSON + Markdown table, with the machine and library versions.
+
+    .venv/bin/python bench/report_runs.py --title "Amazon Beauty, default regimes" \\
+        --run dnc=runs/i11/beauty-dnc:runs/i11/beauty-dnc-eval.json \\
+        --run sasrec=runs/i11/beauty-sasrec:runs/i11/beauty-sasrec-eval.json \\
+        --out bench/results/runs-beauty
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import quality  # noqa: E402
+
+
+def _training(model_dir: str) -> Dict[str, Any]:
+    with open(os.path.join(model_dir, "model", "model.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    history, config = raw["history"], raw["config"]
+    monitor = f"val_recall@{config['eval_m'][0]}"
+    best = max(range(len(history)), key=lambda i: history[i].get(monitor, -1.0))
+    rates = sorted(e["samples_per_second"] for e in history)
+    return {
+        "config": config,
+        "epochs_run": len(history),
+        "best_epoch": best + 1,
+        "validation": {k: v for k, v in history[best].items() if k.startswith("val_")},
+        "median_targets_per_second": rates[len(rates) // 2],
+    }
+
+
+def collect(specs: List[str]) -> Dict[str, Any]:
+    """name=MODEL_DIR:EVAL_JSON specs -> name -> {training, test}."""
+    runs = {}
+    for spec in specs:
+        name, _, paths = spec.rpartition("=")
+        model_dir, _, eval_json = paths.partition(":")
+        if not (name and model_dir and eval_json):
+            raise ValueError(f"--run must be NAME=MODEL_DIR:EVAL_JSON, got {spec!r}")
+        with open(eval_json, encoding="utf-8") as f:
+            test = json.load(f)
+        test.pop("table", None)
+        runs[name] = {"training": _training(model_dir), "test": test}
+    return runs
+
+
+def markdown(title: str, runs: Dict[str, Any]) -> str:
+    lines = [f"### {title}", ""]
+    lines.append(
+        "| run | epochs (best) | val R@20 / R@50 (monitor) | test R@20 | test R@50 | "
+        "oracle-cluster R@20 / R@50 | intent top-1 | merge, alpha, w | targets/s |"
+    )
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for name, run in runs.items():
+        t, v = run["test"], run["training"]["validation"]
+        intent = t.get("intent_top1")
+        lines.append(
+            f"| {name} | {run['training']['epochs_run']} ({run['training']['best_epoch']}) | "
+            f"{v.get('val_recall@20', 0):.4f} / {v.get('val_recall@50', 0):.4f} | "
+            f"{t['recall@20']:.4f} | {t['recall@50']:.4f} | "
+            f"{t['within_cluster_recall@20']:.4f} / {t['within_cluster_recall@50']:.4f} | "
+            f"{'-' if intent is None else f'{intent:.3f}'} | "
+            f"{t['merge']}, {t['alpha']}, {t.get('prompt_weight', 1.0)} | "
+            f"{run['training']['median_targets_per_second']:,.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", required=True, help="NAME=MODEL_DIR:EVAL_JSON")
+    parser.add_argument("--title", required=True)
+    parser.add_argument("--out", required=True, help="output path without extension")
+    args = parser.parse_args()
+    runs = collect(args.run)
+    report = {"benchmark": "runs", "title": args.title, "runs": runs, **quality.run_metadata()}
+    quality.write_outputs(args.out, report, markdown(args.title, runs))
+
+
+if __name__ == "__main__":
+    main()
