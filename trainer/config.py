@@ -177,6 +177,9 @@ class TrainConfig:
             ``K`` times this many uniform ones for global variants
             (``trainer.shared_negatives``: one gather and one matmul a step instead of a
             gather per position); 0: off.
+        implied_negatives: uniform negatives shared by each batch in the global head of the
+            ``implied`` intent (per-position negatives only; with ``shared_negatives`` the
+            head reuses the shared draws).
         mixed_ratio: share of in-cluster negatives for the ``mixed`` sampler.
         intent_weight: weight of the intent cross-entropy in the loss.
         intent_encoder: what the intent head reads: ``pooled`` (a position-weighted
@@ -217,6 +220,7 @@ class TrainConfig:
     length_buckets: int = 5
     num_negatives: int = 1
     shared_negatives: int = 0
+    implied_negatives: int = 1024
     mixed_ratio: float = 0.5
     intent_weight: float = 0.1
     intent_encoder: str = "pooled"
@@ -245,6 +249,8 @@ class TrainConfig:
         for name in ("num_negatives", "epochs", "batch_size", "shuffle_buffer", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.implied_negatives < 1:
+            raise ValueError(f"implied_negatives must be >= 1, got {self.implied_negatives}")
         if self.shared_negatives < 0:
             raise ValueError(f"shared_negatives must be >= 0, got {self.shared_negatives}")
         if self.shared_negatives and self.loss == "softmax":

@@ -49,6 +49,8 @@ class RetrievalModel(tfrs.Model):
             stratified for in-cluster variants, ``K`` times this many uniform for global
             ones), which also train the ``implied`` intent's global head; 0: the
             per-position negatives of the batch (``data.NEGATIVES``).
+        implied_negatives: uniform negatives shared by the batch in the ``implied``
+            intent's global head (without ``shared_negatives``).
         item_cluster: [N + 1] cluster of each model item id (``-1`` for PAD_ID); needed by
             the ``softmax`` loss of in-cluster variants, by ``pooled-clusters`` and ``implied``.
 
@@ -70,8 +72,12 @@ class RetrievalModel(tfrs.Model):
         softmax_scope: str = "auto",
         intent_recency: float = 0.0,
         shared_negatives: int = 0,
+        implied_negatives: int = IMPLIED_NEGATIVES,
     ) -> None:
         super().__init__()
+        if implied_negatives < 1:
+            raise ValueError(f"implied_negatives must be >= 1, got {implied_negatives}")
+        self.implied_negatives = int(implied_negatives)
         if intent_encoder not in INTENT_ENCODERS:
             raise ValueError(f"unknown intent_encoder {intent_encoder!r}; {INTENT_ENCODERS}")
         self.variant = variant
@@ -261,7 +267,7 @@ class RetrievalModel(tfrs.Model):
         shared=None,
     ) -> tf.Tensor:
         """Sampled softmax of unprompted outputs [S, d] over all items: the target [S]
-        against ``negatives`` [G] shared by the batch (default: ``IMPLIED_NEGATIVES``
+        against ``negatives`` [G] shared by the batch (default: ``implied_negatives``
         uniform draws; accidental hits masked; uniform draws need no log-Q correction),
         or against the step's ``shared`` draw ``(SharedDraw, vectors [G, d])``, log-Q
         corrected by its stratified draw probabilities."""
@@ -272,7 +278,7 @@ class RetrievalModel(tfrs.Model):
             valid = self.shared_sampler.global_valid(draw, target)
             return self.global_loss(positive, negative, valid=valid, log_q=draw.global_log_q)
         if negatives is None:
-            count = min(IMPLIED_NEGATIVES, self.num_items)
+            count = min(self.implied_negatives, self.num_items)
             negatives = tf.random.uniform([count], 1, self.num_items + 1, dtype=tf.int32)
         negative = tf.matmul(unprompted, self.candidate_embeddings(negatives), transpose_b=True)
         valid = tf.not_equal(negatives[None, :], tf.cast(target, tf.int32)[:, None])

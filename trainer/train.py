@@ -180,6 +180,7 @@ def build_model(config: TrainConfig, items: data.ItemsTable) -> RetrievalModel:
         softmax_scope=config.softmax_scope,
         intent_recency=config.intent_recency,
         shared_negatives=config.shared_negatives,
+        implied_negatives=config.implied_negatives,
     )
 
 
