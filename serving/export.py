@@ -130,9 +130,7 @@ class ExportConfig:
         if self.merge is not None:
             check_merge(self.merge)
         if self.prompt_weight is not None:
-            check_prompt_weight(self.prompt_weight)
-            if self.merge == "quota" and self.prompt_weight != 1.0:
-                raise ValueError(f"prompt_weight={self.prompt_weight} needs the score merge")
+            check_prompt_weight(self.prompt_weight, self.merge)
 
 
 def load_exported(path: str) -> Any:
@@ -182,9 +180,6 @@ def _validation_metrics(model_dir: str) -> Dict[str, Any]:
 def _select_merge(model, items: data.ItemsTable, cfg: ExportConfig, max_len: int):
     """(merge, alpha, prompt weight) with the best validation Recall@default_num_results."""
     validation = data.evaluation_data(cfg.data_dir, features.VALIDATION, max_len)
-    weights = evaluation.PROMPT_WEIGHT_GRID
-    if cfg.prompt_weight is not None:
-        weights = (cfg.prompt_weight,)
     selection = evaluation.select_merge(
         ModelScorer(model),
         validation.histories,
@@ -196,7 +191,7 @@ def _select_merge(model, items: data.ItemsTable, cfg: ExportConfig, max_len: int
         merged=True,
         progress=False,
         users=validation.users,
-        prompt_weights=weights,
+        prompt_weights=evaluation.selection_weights(cfg.prompt_weight),
     )
     log.info(
         "merge %s, alpha %s, prompt weight %s selected on validation:\n%s",

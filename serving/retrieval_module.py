@@ -235,9 +235,7 @@ class RetrievalModule(tf.Module):
         prompt_weight: float = 1.0,
     ) -> None:
         super().__init__(name="dnc_retrieval")
-        self.prompt_weight = check_prompt_weight(prompt_weight)
-        if merge != "score" and self.prompt_weight != 1.0:
-            raise ValueError(f"prompt_weight={prompt_weight} needs the score merge, not {merge!r}")
+        self.prompt_weight = check_prompt_weight(prompt_weight, merge)
         if max_exclude < 0:
             raise ValueError(f"max_exclude must be >= 0, got {max_exclude}")
         self.max_exclude = int(max_exclude)

@@ -67,7 +67,6 @@ def evaluate_model(
     scorer = ModelScorer(model)
     max_len = config.model.max_len
     selection = validation = None
-    weights = evaluation.PROMPT_WEIGHT_GRID if prompt_weight is None else (prompt_weight,)
     if alpha is None or merge is None:
         grids = evaluation.selection_grids(merge, alpha)
         if alpha_grid is not None and alpha is None:
@@ -84,7 +83,7 @@ def evaluate_model(
             merged=variant.merged,
             progress=progress,
             users=validation.users,
-            prompt_weights=weights,
+            prompt_weights=evaluation.selection_weights(prompt_weight),
         )
         merge, alpha = selection.merge, selection.alpha
         prompt_weight = selection.prompt_weight

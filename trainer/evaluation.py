@@ -270,12 +270,12 @@ def _weighted_batches(
             extra = {}
             if interest_lists and every is not None:
                 extra = _interest_lists(every, mask, length)
+            clusters = data.item_cluster[targets]
             group = []
             for w in weights:
                 ids, scores, capacity, log_z = _cluster_lists(
                     data, cluster_emb, queries[w], every, mask, length, conditioned
                 )
-                clusters = data.item_cluster[targets]
                 group.append(
                     _Batch(ids, scores, capacity, intent, log_z, targets, clusters, **extra)
                 )
@@ -378,20 +378,22 @@ def _check_m(m_values: Sequence[int]) -> Tuple[int, ...]:
     return ms
 
 
+def _check_prompt_weight(prompt_weight: float, merge: str) -> float:
+    from trainer.score_merge import check_prompt_weight  # loads TensorFlow
+
+    return check_prompt_weight(prompt_weight, merge)
+
+
+def selection_weights(prompt_weight: Optional[float] = None) -> Tuple[float, ...]:
+    """The score merge's prompt weights left to select on validation: ``PROMPT_WEIGHT_GRID``,
+    or the one given."""
+    return PROMPT_WEIGHT_GRID if prompt_weight is None else (float(prompt_weight),)
+
+
 def _check_merge(merge: str) -> str:
     if merge not in MERGE_GRIDS:
         raise ValueError(f"unknown merge {merge!r}; expected one of {tuple(MERGE_GRIDS)}")
     return merge
-
-
-def _check_weight(merge: str, prompt_weight: float) -> float:
-    """The prompt weight, checked; only the score merge blends queries."""
-    from trainer.score_merge import check_prompt_weight
-
-    w = check_prompt_weight(prompt_weight)
-    if merge != "score" and w != 1.0:
-        raise ValueError(f"prompt_weight={w} needs the score merge, not {merge!r}")
-    return w
 
 
 def _points(grids: Dict[str, Sequence[float]], prompt_weights: Sequence[float]) -> list:
@@ -475,7 +477,7 @@ def evaluate(
     lam = float(diversity_lambda)
     if not lam >= 0:
         raise ValueError(f"diversity_lambda must be >= 0, got {diversity_lambda}")
-    prompt_weight = _check_weight(merge, prompt_weight)
+    prompt_weight = _check_prompt_weight(prompt_weight, merge)
     batches = _batches(
         scorer, data, max(ms), merged, batch_size, progress, memory_budget, lam > 0, prompt_weight
     )
@@ -664,7 +666,7 @@ def retrieve(
     (m,) = _check_m((m,))
     _check_merge(merge)
     alpha = check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
-    prompt_weight = _check_weight(merge, prompt_weight)
+    prompt_weight = _check_prompt_weight(prompt_weight, merge)
     data = _prepare(scorer, histories, None, exclude, item_cluster, users)
     out = []
     batches = _batches(

@@ -17,7 +17,7 @@ from trainer import data, losses, towers
 from trainer.config import INTENT_ENCODERS, SOFTMAX_SCOPES, ModelConfig, Variant
 from trainer.intent import PooledHistoryEncoder
 from trainer.multi_interest import MultiInterestEncoder
-from trainer.shared_negatives import SHARED_SAMPLERS, SharedNegativeSampler, in_cluster_loss
+from trainer.shared_negatives import SharedNegativeSampler, in_cluster_loss
 
 # Uniform negatives shared by every position of a batch in the global head of the
 # ``implied`` intent (one [S, d] x [d, 1024] matmul a step).
@@ -168,11 +168,6 @@ class RetrievalModel(tfrs.Model):
         if loss not in ("sampled-softmax", "bce"):
             raise ValueError(
                 f"shared negatives need a sampled loss (bce, sampled-softmax), not {loss!r}"
-            )
-        if self.variant.sampler not in SHARED_SAMPLERS:
-            raise ValueError(
-                f"shared negatives need a sampler in {SHARED_SAMPLERS}; "
-                f"{self.variant.name} samples {self.variant.sampler!r}"
             )
         if item_cluster is None:
             raise ValueError("shared negatives need item_cluster")
@@ -397,8 +392,7 @@ class RetrievalModel(tfrs.Model):
                 )  # fmt: skip
             negative_logits = tf.matmul(user, vectors, transpose_b=True)  # [S, G]
             valid = self.shared_sampler.valid(draw, target, target_cluster)
-            log_q = tf.broadcast_to(draw.log_q, tf.shape(negative_logits))
-            per_sample = self._per_sample_loss(positive_logits, negative_logits, valid, log_q)
+            per_sample = self._per_sample_loss(positive_logits, negative_logits, valid, draw.log_q)
             return tf.reduce_mean(per_sample)
         negative_vectors = self.candidate_embeddings(negatives)
         negative_logits = tf.einsum("bd,bnd->bn", user, negative_vectors)
@@ -420,7 +414,7 @@ class RetrievalModel(tfrs.Model):
             user = self._interest_user(history, target, training=training)
         else:
             user = self.user_embedding(history, task, inputs.get(data.USER), training=training)
-        shared = self._shared_draw()
+        draw = self._shared_draw()
         loss = self._retrieval_loss(
             user,
             target,
@@ -428,13 +422,13 @@ class RetrievalModel(tfrs.Model):
             inputs.get(data.NEGATIVES),
             inputs.get(data.NEGATIVES_VALID),
             inputs.get(data.NEGATIVES_LOG_Q),
-            shared,
+            draw,
         )
         if self.intent_weight > 0 and self.intent_encoder_kind == "implied":
             # Plain variants' own global loss already trains this head.
             if self.variant.merged:
                 h = user if not self.conditioned else self._unprompted(history, training)
-                loss += self.intent_weight * self.global_head_loss(h, target, shared=shared)
+                loss += self.intent_weight * self.global_head_loss(h, target, shared=draw)
         elif self.intent_weight > 0:
             intent = self.intent(history, training=training)
             loss += self.intent_weight * self.intent_loss(intent, target_cluster)

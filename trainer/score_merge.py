@@ -41,7 +41,7 @@ and tested equal.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -59,11 +59,14 @@ MIN_PROBABILITY = 1e-30
 DEFAULT_PROMPT_WEIGHT = 1.0
 
 
-def check_prompt_weight(value: float) -> float:
-    """``value`` as a float in [0, 1], else ValueError."""
+def check_prompt_weight(value: float, merge: Optional[str] = None) -> float:
+    """``value`` as a float in [0, 1], else ValueError; with a ``merge`` given, also a
+    ValueError for a weight below 1 on another merge than ``score`` (only it blends)."""
     w = float(value)
     if not 0.0 <= w <= 1.0:
         raise ValueError(f"prompt_weight must be in [0, 1], got {value}")
+    if merge is not None and merge != "score" and w != 1.0:
+        raise ValueError(f"prompt_weight={w} needs the score merge, not {merge!r}")
     return w
 
 

@@ -9,12 +9,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Sequence
 
 import grpc
 import pytest
 from tensorflow_serving.apis import model_service_pb2_grpc
 from tensorflow_serving.apis.get_model_status_pb2 import GetModelStatusRequest
+
+
+@contextlib.contextmanager
+def in_process_server(bases: Dict[str, str], **options: Any) -> Iterator[Any]:
+    """A started in-process ``serving.server.Server`` of ``bases`` (name -> BASE/NAME)
+    with ``options`` (``grpc_port=0`` and friends); stopped on exit."""
+    from serving import model_manager
+    from serving.server import Server
+
+    models = [model_manager.ModelConfig(name, path) for name, path in bases.items()]
+    srv = Server(models, **options)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop(1)
 
 
 def free_port() -> int:

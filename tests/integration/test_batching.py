@@ -12,7 +12,6 @@ answered UNAVAILABLE; bad batching flags stop ``dnc serve`` with a clear message
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import threading
 import time
@@ -24,11 +23,10 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from serving import model_manager
 from serving.batching_config import BatchingParameters
 from serving.export import export_model
 from serving.server import Server, add_serve_arguments, configure_tf_threads, run_serve
-from tests.integration.serving_process import dnc_serve
+from tests.integration.serving_process import dnc_serve, in_process_server
 from tests.integration.test_export import _train, raw_requests
 from tests.integration.tiny_model import make_request
 from trainer import data
@@ -67,15 +65,8 @@ def exported(tiny_data, tmp_path_factory) -> Dict[str, Any]:
     return {"bases": bases, "raw": raw_requests(ev.exclude, items), "items": items}
 
 
-@contextlib.contextmanager
-def _serve(bases: Dict[str, str], **kwargs: Any) -> Iterator[Server]:
-    models = [model_manager.ModelConfig(name, path) for name, path in bases.items()]
-    srv = Server(models, grpc_port=0, rest_port=None, poll_wait_seconds=0, **kwargs)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop(1)
+def _serve(bases: Dict[str, str], **kwargs: Any):
+    return in_process_server(bases, grpc_port=0, rest_port=None, poll_wait_seconds=0, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from serving import model_manager
 from serving.limits import Deadline
 from serving.model_config import METADATA_DIR, METADATA_FILE
 from serving.server import Server, add_serve_arguments, run_serve
+from tests.integration.serving_process import in_process_server
 from tests.integration.tiny_model import install, make_request
 
 MAX_BYTES = 64 * 1024
@@ -73,13 +74,8 @@ def _serve(bases: Dict[str, str], **kwargs: Any) -> Iterator[Server]:
         max_history_length=MAX_HISTORY,
     )
     options.update(kwargs)
-    models = [model_manager.ModelConfig(name, path) for name, path in bases.items()]
-    srv = Server(models, **options)
-    srv.start()
-    try:
+    with in_process_server(bases, **options) as srv:
         yield srv
-    finally:
-        srv.stop(1)
 
 
 @pytest.fixture(scope="module")
