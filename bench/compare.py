@@ -3,9 +3,10 @@
 Every variant starts from its default regime (``trainer.config.make_train_config``:
 what ``dnc train --variant V`` does with no flags) and gets the same grid budget: the
 same number of settings (overrides of that regime) and the same epochs. Per variant the
-setting with the best validation Recall@M (the early-stopping monitor) is selected;
-test numbers play no part in the choice. Test metrics are reported with the merge and
-alpha that ``dnc evaluate`` selects on validation, plus the within-cluster (oracle-
+setting with the best validation recall (the mean of Recall@M over ``--m``, on the whole
+validation split, with the merge, alpha and prompt weight that ``dnc evaluate`` selects
+there) is selected; test numbers play no part in the choice. Test metrics are reported with
+the merge and alpha that ``dnc evaluate`` selects on validation, plus the within-cluster (oracle-
 intent) recall, intent top-1 and training throughput. Writes ``OUT.json`` and ``OUT.md``
 after every run, so an interrupted run keeps what it finished; ``--include`` merges an
 earlier report on the same data into the selection.
@@ -50,6 +51,7 @@ def setting_name(variant: str, setting: Dict[str, Any]) -> str:
 
 def run_setting(args: argparse.Namespace, variant: str, setting: Dict[str, Any]) -> Dict:
     """Trains one setting and evaluates it on test (merge and alpha chosen on validation)."""
+    from trainer.alpha import alpha_from_json
     from trainer.config import make_train_config
     from trainer.evaluate_model import evaluate_model
     from trainer.train import train
@@ -59,7 +61,6 @@ def run_setting(args: argparse.Namespace, variant: str, setting: Dict[str, Any])
     overrides = {k: v for k, v in setting.items() if k != "model"}
     if args.epochs is not None:
         overrides.setdefault("epochs", args.epochs)
-    overrides.setdefault("eval_m", (max(args.m),))
     config = make_train_config(
         args.data, output, variant, model_overrides=setting.get("model"), **overrides
     )
@@ -69,12 +70,24 @@ def run_setting(args: argparse.Namespace, variant: str, setting: Dict[str, Any])
     start = time.monotonic()
     report = evaluate_model(output, args.data, m_values=args.m, progress=False)
     report.pop("table")
+    # The deployed setting (merge, alpha and prompt weight selected on validation) scored
+    # on the whole validation split: what the grid selects on.
+    chosen = evaluate_model(
+        output,
+        args.data,
+        m_values=args.m,
+        split="validation",
+        progress=False,
+        merge=report.get("merge"),
+        alpha=alpha_from_json(report["alpha"]),
+        prompt_weight=report.get("prompt_weight"),
+    )
     rates = [epoch["samples_per_second"] for epoch in result.history]
-    monitor = f"val_recall@{max(args.m)}"
     return {
         **report,
         "config": dataclasses.asdict(config),
-        "validation": max(epoch[monitor] for epoch in result.history),
+        "validation_recall": {str(m): chosen[f"recall@{m}"] for m in args.m},
+        "validation": sum(chosen[f"recall@{m}"] for m in args.m) / len(args.m),
         "history": [{k: e[k] for k in e if k.startswith("val_")} for e in result.history],
         "epochs_run": len(result.history),
         "train_seconds": round(train_seconds, 1),
@@ -99,11 +112,25 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _validation_cells(run: Dict[str, Any], ms) -> str:
+    recall = run["result"].get("validation_recall")
+    if recall is None:  # reports written before the whole-split validation pass
+        return _fmt(run["validation"])
+    return " / ".join(_fmt(recall[str(m)]) for m in ms)
+
+
+def _merge_cell(r: Dict[str, Any]) -> str:
+    if not r.get("merged"):
+        return "global"
+    return f"{r.get('merge', '-')}, alpha {r['alpha']}, w {r.get('prompt_weight', 1.0)}"
+
+
 def markdown(report: Dict[str, Any]) -> str:
     """Selected settings first (with the relative gap to the best sasrec), then every run."""
     ms = report["settings"]["m"]
-    head = ["variant", "setting", f"val R@{max(ms)}"] + [f"R@{m}" for m in ms]
-    head += [f"oracle-cluster R@{m}" for m in ms] + ["intent top-1", "merge", "alpha"]
+    recall = " / ".join(f"R@{m}" for m in ms)
+    head = ["variant", "setting", f"val {recall}"] + [f"R@{m}" for m in ms]
+    head += [f"oracle-cluster {recall}", "intent top-1", "merge"]
     head += ["epochs", "targets/s", "train min"]
     lines = [f"### {report['title']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     runs = sorted(report["runs"], key=lambda r: not r["selected"])
@@ -111,19 +138,20 @@ def markdown(report: Dict[str, Any]) -> str:
         r = run["result"]
         bold = "**" if run["selected"] else ""
         label = run["name"].split(",", 1)[1] if run["setting"] else "default regime"
-        cells = [f"{bold}{run['variant']}{bold}", label, _fmt(run["validation"])]
-        cells += [_fmt(r[f"recall@{m}"]) for m in ms]
-        cells += [_fmt(r[f"within_cluster_recall@{m}"]) for m in ms]
-        cells += [_fmt(r.get("intent_top1"), 3), r.get("merge", "-"), str(r["alpha"])]
+        cells = [f"{bold}{run['variant']}{bold}", label, _validation_cells(run, ms)]
+        cells += [f"{bold}{_fmt(r[f'recall@{m}'])}{bold}" for m in ms]
+        cells += [" / ".join(_fmt(r[f"within_cluster_recall@{m}"]) for m in ms)]
+        cells += [_fmt(r.get("intent_top1"), 3), _merge_cell(r)]
         cells += [str(r["epochs_run"]), f"{r['train_samples_per_second']:,.0f}"]
         cells += [f"{r['train_seconds'] / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     best = {r["variant"]: r["result"] for r in report["runs"] if r["selected"]}
-    if "dnc" in best and "sasrec" in best:
-        lines += ["", "dnc vs the selected sasrec (relative, test):"]
-        for m in ms:
-            ours, base = best["dnc"][f"recall@{m}"], best["sasrec"][f"recall@{m}"]
-            lines.append(f"- R@{m}: {ours:.4f} vs {base:.4f} ({100 * (ours / base - 1):+.1f}%)")
+    if "sasrec" in best:
+        for other in [v for v in best if v != "sasrec"]:
+            lines += ["", f"{other} vs the selected sasrec (relative, test):"]
+            for m in ms:
+                ours, base = best[other][f"recall@{m}"], best["sasrec"][f"recall@{m}"]
+                lines.append(f"- R@{m}: {ours:.4f} vs {base:.4f} ({100 * (ours / base - 1):+.1f}%)")
     if report.get("strongest_baseline"):
         strongest = report["strongest_baseline"]
         lines += ["", f"Strongest baseline ever measured on this data: {strongest}"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import numpy as np
 import tensorflow as tf
 
 REDUCTIONS = ("mean", "none")
@@ -181,6 +182,68 @@ class FullSoftmaxLoss(tf.keras.layers.Layer):
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()
         config.update(reduction=self.reduction)
+        return config
+
+
+class InClusterSoftmaxLoss(tf.keras.layers.Layer):
+    """Full softmax over the target's cluster, computed one cluster at a time.
+
+    Per sample: ``logsumexp_{j in C_k} u . e_j - u . e_target`` with ``k`` the target's
+    cluster: exactly ``FullSoftmaxLoss`` with ``allowed = (cluster(j) == k)``, but the
+    samples are partitioned by cluster and each part is scored against its own cluster's
+    items only (``K`` matmuls ``[S_k, d] x [d, |C_k|]``), about ``1 / K`` of the work of
+    scoring every item and masking (for balanced clusters).
+
+    Args:
+        item_cluster: [N + 1] cluster of each model item id (``-1`` for PAD_ID).
+        num_clusters: K.
+        reduction: ``mean`` over samples, or ``none`` for per-sample [S] losses.
+    """
+
+    def __init__(self, item_cluster, num_clusters: int, reduction: str = "mean", **kwargs):
+        super().__init__(**kwargs)
+        _check_reduction(reduction)
+        item_cluster = np.asarray(item_cluster, np.int64)
+        if item_cluster.ndim != 1 or num_clusters < 1 or item_cluster.max() >= num_clusters:
+            raise ValueError(
+                f"item_cluster must be [N + 1] ids below num_clusters={num_clusters}, "
+                f"got shape {item_cluster.shape} and max {item_cluster.max()}"
+            )
+        self.item_cluster, self.num_clusters = item_cluster, int(num_clusters)
+        self.reduction = reduction
+        self._members = [
+            tf.constant(np.flatnonzero(item_cluster == k), tf.int32) for k in range(num_clusters)
+        ]
+
+    def call(
+        self,
+        user: tf.Tensor,
+        positive_logits: tf.Tensor,
+        target_cluster: tf.Tensor,
+        candidates: tf.Tensor,
+    ) -> tf.Tensor:
+        """Args: user [S, d], positive_logits [S] (``u . e_target``), target_cluster [S],
+        candidates [N + 1, d] (row j: item id j)."""
+        cluster = tf.cast(target_cluster, tf.int32)
+        rows = tf.dynamic_partition(tf.range(tf.shape(cluster)[0]), cluster, self.num_clusters)
+        parts = []
+        for k, members in enumerate(self._members):
+            logits = tf.matmul(
+                tf.gather(user, rows[k]), tf.gather(candidates, members), transpose_b=True
+            )
+            parts.append(tf.reduce_logsumexp(logits, axis=-1))
+        # Back to the samples' order: stitch each part's log-partition into its rows.
+        log_z = tf.dynamic_stitch(rows, parts)
+        per_sample = log_z - tf.cast(positive_logits, log_z.dtype)
+        return _reduce(per_sample, None, self.reduction)
+
+    def get_config(self) -> Dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            item_cluster=self.item_cluster.tolist(),
+            num_clusters=self.num_clusters,
+            reduction=self.reduction,
+        )
         return config
 
 

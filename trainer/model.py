@@ -87,7 +87,12 @@ class RetrievalModel(tfrs.Model):
         self.intent_weight = intent_weight
         self.intent_encoder_kind = intent_encoder
         dim = model_config.embedding_dim
-        self.item_embedding = towers.ItemEmbedding(num_items, dim)
+        if model_config.cluster_embeddings:
+            self.item_embedding = towers.ItemEmbedding(
+                num_items, dim, item_cluster=item_cluster, num_clusters=num_clusters
+            )
+        else:
+            self.item_embedding = towers.ItemEmbedding(num_items, dim)
         self.item_tower = towers.build_item_tower(model_config, num_items, self.item_embedding)
         if variant.user_tower == "mf":
             self.user_tower = towers.MFUserTower(num_users, dim)
@@ -138,8 +143,10 @@ class RetrievalModel(tfrs.Model):
                     f"item_cluster must have {num_items + 1} entries, got {item_cluster.shape}"
                 )
             self._item_cluster = tf.constant(item_cluster)
-        if self.in_cluster_softmax and self._item_cluster is None:
-            raise ValueError("the in-cluster softmax loss needs item_cluster")
+        if self.in_cluster_softmax:
+            if self._item_cluster is None:
+                raise ValueError("the in-cluster softmax loss needs item_cluster")
+            self.cluster_softmax = losses.InClusterSoftmaxLoss(item_cluster, num_clusters)
         self.cluster_embedding = None
         if intent_encoder in ("pooled-clusters", "implied") and self._item_cluster is None:
             raise ValueError(f"the {intent_encoder} intent encoder needs item_cluster")
@@ -373,13 +380,11 @@ class RetrievalModel(tfrs.Model):
         negatives/valid/log_q [S, N] (unused by ``softmax`` and with a ``shared`` draw)."""
         if isinstance(self.retrieval_loss, losses.FullSoftmaxLoss):
             candidates = self.candidate_embeddings(tf.range(self.num_items + 1))
-            logits = tf.matmul(user, candidates, transpose_b=True)  # [S, N + 1]
             if self.in_cluster_softmax:
-                allowed = tf.equal(
-                    self._item_cluster[None, :], tf.cast(target_cluster, tf.int32)[:, None]
-                )  # PAD's cluster is -1: never allowed
-            else:
-                allowed = tf.range(self.num_items + 1)[None, :] > 0
+                positive = tf.reduce_sum(user * tf.gather(candidates, target), axis=-1)
+                return self.cluster_softmax(user, positive, target_cluster, candidates)
+            logits = tf.matmul(user, candidates, transpose_b=True)  # [S, N + 1]
+            allowed = tf.range(self.num_items + 1)[None, :] > 0
             return self.retrieval_loss(logits, target, allowed)
         positive = self.candidate_embeddings(target)
         positive_logits = tf.reduce_sum(user * positive, axis=-1)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import tensorflow as tf  # the trainer package imports dnc_env first
 
 from trainer.config import CONDITIONINGS, PAD_ID, PROMPT_POSITIONS, ModelConfig
@@ -53,31 +54,59 @@ Inputs = Union[tf.Tensor, Sequence[tf.Tensor], Dict[str, tf.Tensor]]
 class ItemEmbedding(tf.keras.layers.Layer):
     """Item-id embedding table of ``num_items + 1`` rows; row ``PAD_ID`` (0) always looks up zero.
 
+    With ``item_cluster`` the vector of item ``i`` is ``E[i] + C[cluster(i)]``: a
+    ``[num_clusters, d]`` table ``C`` (zero-initialised, so training starts from the plain
+    table) adds a component shared by the items of a cluster.
+
     Args:
         num_items: number of real items (ids ``1..num_items``).
         dim: embedding width d.
         embeddings_initializer: Keras initializer of the table.
+        item_cluster: optional ``[num_items + 1]`` cluster of each id (``-1`` for PAD_ID).
+        num_clusters: K, with ``item_cluster``.
     """
 
     def __init__(
-        self, num_items: int, dim: int, embeddings_initializer: Any = "glorot_uniform", **kwargs
+        self,
+        num_items: int,
+        dim: int,
+        embeddings_initializer: Any = "glorot_uniform",
+        item_cluster: Optional[Any] = None,
+        num_clusters: int = 0,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         if num_items < 1 or dim < 1:
             raise ValueError(f"num_items ({num_items}) and dim ({dim}) must be >= 1")
         self.num_items, self.dim = num_items, dim
         self.embeddings_initializer = tf.keras.initializers.get(embeddings_initializer)
+        self._item_cluster = None
         with tf.name_scope(self.name):  # weights made in __init__ get no scope otherwise
             self.embeddings = self.add_weight(
                 name="embeddings",
                 shape=[num_items + 1, dim],
                 initializer=self.embeddings_initializer,
             )
+            if item_cluster is not None:
+                item_cluster = np.asarray(item_cluster, np.int32)
+                if item_cluster.shape != (num_items + 1,) or item_cluster.max() >= num_clusters:
+                    raise ValueError(
+                        f"item_cluster must hold {num_items + 1} cluster ids below "
+                        f"num_clusters={num_clusters}, got shape {item_cluster.shape} and "
+                        f"max {item_cluster.max()}"
+                    )
+                self._item_cluster = tf.constant(item_cluster)
+                self.cluster_embeddings = self.add_weight(
+                    name="cluster_embeddings", shape=[num_clusters, dim], initializer="zeros"
+                )
 
     def call(self, ids: tf.Tensor) -> tf.Tensor:
         """Returns ``[..., d]`` embeddings of int ``ids``; zero where ``ids == PAD_ID``."""
         ids = tf.cast(ids, tf.int32)
         vectors = tf.gather(self.embeddings, ids)
+        if self._item_cluster is not None:
+            clusters = tf.maximum(tf.gather(self._item_cluster, ids), 0)
+            vectors += tf.gather(self.cluster_embeddings, clusters)
         return vectors * tf.cast(tf.not_equal(ids, PAD_ID), vectors.dtype)[..., None]
 
     def get_config(self) -> Dict[str, Any]:
@@ -87,6 +116,11 @@ class ItemEmbedding(tf.keras.layers.Layer):
             dim=self.dim,
             embeddings_initializer=tf.keras.initializers.serialize(self.embeddings_initializer),
         )
+        if self._item_cluster is not None:
+            config.update(
+                item_cluster=self._item_cluster.numpy().tolist(),
+                num_clusters=int(self.cluster_embeddings.shape[0]),
+            )
         return config
 
 
@@ -127,7 +161,7 @@ class ItemTower(tf.keras.layers.Layer):
 
     def candidates(self) -> tf.Tensor:
         """Returns ``[num_items, d]``: row ``j`` is the vector of item id ``j + 1``."""
-        return self.item_embedding.embeddings[1:]
+        return self.item_embedding(tf.range(1, self.num_items + 1))
 
     def get_config(self) -> Dict[str, Any]:
         config = super().get_config()

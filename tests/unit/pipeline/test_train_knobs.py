@@ -16,6 +16,9 @@ from trainer.config import VARIANTS, make_train_config
 BASE = ["train", "--data", "d", "--output", "o"]
 # Values the generic rule below would get wrong (constraints between fields).
 _CHOSEN = {"embedding_dim": 24, "num_heads": 2, "dropout": 0.35, "mixed_ratio": 0.25}
+# Flags a knob needs beside it when it is the only one given (dnc's default loss is the full
+# in-cluster softmax, which draws no negatives to share).
+_NEEDS = {"shared_negatives": ["--loss", "sampled-softmax"]}
 
 
 def _parse(*flags):
@@ -64,7 +67,7 @@ def test_every_field_is_a_flag_and_a_config_key():
     for k in knobs.knobs():
         assert k.name in (model_keys if k.model else section_keys), k.key
         value = non_default(k)
-        config = train_config(_parse(*cli_flags(k, value)))
+        config = train_config(_parse(*cli_flags(k, value), *_NEEDS.get(k.name, [])))
         got = getattr(config.model if k.model else config, k.name)
         assert got == value, k.flags
     # The fields that are not knobs: --data, --output, --variant; trainer.variants.
@@ -142,7 +145,7 @@ def test_help_says_unset_flags_take_the_regime(capsys, monkeypatch):
         build_parser().parse_args(["train", "--help"])
     text = capsys.readouterr().out
     assert "--variant's regime under --preset" in text
-    assert "[regime: default: sampled-softmax; paper: bce]" in text
+    assert "[regime: default: 128; paper: 1]" in text
     for flag in ("--dim", "--blocks", "--heads", "--separate-item-embeddings", "--preset"):
         assert flag in text
 

@@ -91,8 +91,9 @@ def test_parse_and_convert():
 
 
 def test_regime_help_shows_both_presets():
-    text = knobs.regime_help("loss")
-    assert text == "regime: default: sampled-softmax; paper: bce"
+    text = knobs.regime_help("num_negatives")
+    assert text == "regime: default: 128; paper: 1"
+    assert knobs.regime_help("loss").endswith("softmax for dnc; paper: bce")
     assert "pooled for mf/sasrec/sasrec-mixed" in knobs.regime_help("intent_encoder")
     assert knobs.common_default("max_len") == 50 and knobs.common_default("max_len", "paper") == 200
     with pytest.raises(ValueError, match="intent_encoder"):

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf  # conftest imports dnc_env first
 
-from trainer.losses import IntentLoss, SampledBinaryCrossEntropy, SampledSoftmaxLoss
+from trainer.losses import (
+    FullSoftmaxLoss,
+    InClusterSoftmaxLoss,
+    IntentLoss,
+    SampledBinaryCrossEntropy,
+    SampledSoftmaxLoss,
+)
 
 RNG = np.random.default_rng(0)
 POS = RNG.normal(size=8).astype(np.float32)
@@ -100,11 +106,59 @@ def test_intent_loss_matches_numpy():
 
 @pytest.mark.parametrize(
     "layer",
-    [SampledBinaryCrossEntropy("mean", "none"), SampledSoftmaxLoss(False, 0.5), IntentLoss(True)],
+    [
+        SampledBinaryCrossEntropy("mean", "none"),
+        SampledSoftmaxLoss(False, 0.5),
+        IntentLoss(True),
+        InClusterSoftmaxLoss([-1, 0, 1, 1, 2], 3, reduction="none"),
+    ],
 )
 def test_get_config_round_trip(layer):
     clone = type(layer).from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+
+
+def _in_cluster_case(seed=1, num_items=40, num_clusters=4, samples=30, dim=8):
+    rng = np.random.default_rng(seed)
+    item_cluster = np.concatenate([[-1], rng.integers(0, num_clusters, num_items)])
+    candidates = rng.normal(size=(num_items + 1, dim)).astype(np.float32)
+    user = rng.normal(size=(samples, dim)).astype(np.float32)
+    target = rng.integers(1, num_items + 1, samples)
+    return item_cluster, candidates, user, target
+
+
+def test_in_cluster_softmax_matches_numpy_and_the_masked_full_softmax():
+    item_cluster, candidates, user, target = _in_cluster_case()
+    logits = user @ candidates.T
+    same = item_cluster[None, :] == item_cluster[target][:, None]
+    masked = np.where(same, logits, -np.inf)
+    top = masked.max(-1, keepdims=True)
+    reference = (top[:, 0] + np.log(np.exp(masked - top).sum(-1))) - logits[
+        np.arange(len(target)), target
+    ]
+    positive = logits[np.arange(len(target)), target]
+    layer = InClusterSoftmaxLoss(item_cluster, 4, reduction="none")
+    got = layer(user, positive, item_cluster[target], candidates).numpy()
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+    full = FullSoftmaxLoss(reduction="none")(logits, target, same).numpy()
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+    mean = InClusterSoftmaxLoss(item_cluster, 4)(user, positive, item_cluster[target], candidates)
+    np.testing.assert_allclose(mean.numpy(), reference.mean(), rtol=1e-5)
+
+
+def test_in_cluster_softmax_gradients_equal_the_masked_full_softmax():
+    item_cluster, candidates, user, target = _in_cluster_case(seed=2)
+    same = tf.constant(item_cluster[None, :] == item_cluster[target][:, None])
+    layer = InClusterSoftmaxLoss(item_cluster, 4)
+    table = tf.Variable(candidates)
+    u = tf.Variable(user)
+    with tf.GradientTape(persistent=True) as tape:
+        positive = tf.reduce_sum(u * tf.gather(table, target), -1)
+        ours = layer(u, positive, item_cluster[target], table)
+        masked = FullSoftmaxLoss()(tf.matmul(u, table, transpose_b=True), target, same)
+    for var in (table, u):
+        a, b = tape.gradient(ours, var), tape.gradient(masked, var)
+        np.testing.assert_allclose(tf.convert_to_tensor(a), b, rtol=1e-4, atol=1e-6)
 
 
 def test_bad_arguments_raise():
@@ -114,3 +168,5 @@ def test_bad_arguments_raise():
         IntentLoss(reduction="sum")
     with pytest.raises(ValueError, match="temperature"):
         SampledSoftmaxLoss(temperature=0.0)
+    with pytest.raises(ValueError, match="num_clusters=2"):
+        InClusterSoftmaxLoss([-1, 0, 2], 2)

@@ -64,6 +64,29 @@ def test_item_embedding_pads_with_zero_and_tower_shares_table():
         ItemTower(31, DIM, item_embedding=table)
 
 
+def test_cluster_embeddings_add_the_cluster_vector_and_round_trip():
+    rng = np.random.default_rng(3)
+    item_cluster = np.concatenate([[-1], rng.integers(0, K, NUM_ITEMS)])
+    table = ItemEmbedding(NUM_ITEMS, DIM, item_cluster=item_cluster, num_clusters=K)
+    np.testing.assert_array_equal(table.cluster_embeddings.numpy(), 0.0)  # starts plain
+    table.cluster_embeddings.assign(rng.normal(size=(K, DIM)))
+    ids = np.array([[0, 1, 5, NUM_ITEMS]])
+    expected = (
+        table.embeddings.numpy()[ids]
+        + table.cluster_embeddings.numpy()[np.maximum(item_cluster[ids], 0)]
+    )
+    expected[0, 0] = 0.0  # PAD_ID
+    np.testing.assert_allclose(table(tf.constant(ids)).numpy(), expected, rtol=1e-6)
+    tower = ItemTower(NUM_ITEMS, DIM, item_embedding=table)
+    np.testing.assert_allclose(tower.candidates().numpy(), table(tf.range(1, NUM_ITEMS + 1)))
+    clone = ItemEmbedding.from_config(table.get_config())
+    assert clone.get_config() == table.get_config()
+    clone.set_weights(table.get_weights())
+    np.testing.assert_allclose(clone(tf.constant(ids)).numpy(), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="below num_clusters=2"):
+        ItemEmbedding(NUM_ITEMS, DIM, item_cluster=item_cluster, num_clusters=2)
+
+
 def test_hadamard_inputs_equal_numpy_product():
     encoder = make_encoder("hadamard")
     task = np.array([1, K], np.int32)

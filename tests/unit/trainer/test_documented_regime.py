@@ -1,0 +1,86 @@
+"""The README's knob table is the regime ``dnc train`` uses with no flags.
+
+Every row of the table whose cells name values (one value, or ``V for a/b, W for c``) is
+parsed and compared with ``trainer.config.regime`` for every variant and both presets, so
+the documentation cannot drift from the defaults (or the defaults from the documentation).
+"""
+
+import fnmatch
+import os
+import re
+
+import pytest
+
+from trainer import knobs
+from trainer.config import PRESETS, VARIANTS, make_train_config
+
+README = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, "README.md")
+# Rows whose cells are words rather than values ("none (one pass)", "shared").
+WORDED = {"steps_per_epoch", "share_item_embeddings"}
+
+
+def _table_rows():
+    """(knob, {preset: cell}) for each row of the ``dnc train`` knob table."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    start = text.index("| knob | `default` regime | `paper` regime |")
+    rows = []
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("| `--"):
+            break
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        flag = re.match(r"`(--[a-z-]+)", cells[0]).group(1)
+        knob = next(k for k in knobs.knobs() if flag in k.flags)
+        rows.append((knob, dict(zip(PRESETS, cells[1:], strict=True))))
+    return rows
+
+
+def _parse(knob, text):
+    text = text.strip("`")
+    if knob.kind == "bool":
+        return {"True": True, "False": False}[text]
+    return knob.parse(text)
+
+
+def _documented(knob, cell):
+    """variant -> documented value of one cell."""
+    parts = re.findall(r"`?([^`,]+?)`? for ((?:`[^`]+`/?)+)", cell)
+    if not parts:
+        value = _parse(knob, cell)
+        return {v: value for v in VARIANTS}
+    out = {}
+    for value, names in parts:
+        for pattern in re.findall(r"`([^`]+)`", names):
+            for variant in fnmatch.filter(VARIANTS, pattern):
+                out[variant] = _parse(knob, value)
+    return out
+
+
+ROWS = [row for row in _table_rows() if row[0].name not in WORDED]
+
+
+def test_the_table_covers_every_knob():
+    documented = {k.name for k, _ in _table_rows()}
+    assert documented == {k.name for k in knobs.knobs()}
+
+
+@pytest.mark.parametrize("knob,cells", ROWS, ids=[k.name for k, _ in ROWS])
+def test_no_flags_gives_the_documented_value(knob, cells):
+    for preset, cell in cells.items():
+        documented = _documented(knob, cell)
+        assert set(documented) == set(VARIANTS), (knob.name, preset, cell)
+        for variant, value in documented.items():
+            config = make_train_config("d", "o", variant, preset)
+            got = getattr(config.model if knob.model else config, knob.name)
+            assert got == value, (knob.name, preset, variant)
+
+
+def test_dnc_default_regime_is_the_in_cluster_softmax_with_the_implied_intent():
+    config = make_train_config("d", "o", "dnc")
+    assert (config.loss, config.softmax_scope, config.intent_encoder) == (
+        "softmax",
+        "auto",
+        "implied",
+    )
+    assert config.training == "all-positions" and config.model.prompt_position == "output"
+    assert make_train_config("d", "o", "sasrec").loss == "sampled-softmax"
