@@ -183,7 +183,8 @@ class TrainConfig:
             gather per position); 0: off.
         implied_negatives: uniform negatives shared by each batch in the global head of the
             ``implied`` intent (per-position negatives only; with ``shared_negatives`` the
-            head reuses the shared draws).
+            head reuses the shared draws); at least the number of items: the head's exact
+            softmax over the whole catalogue instead of a sample.
         mixed_ratio: share of in-cluster negatives for the ``mixed`` sampler.
         intent_weight: weight of the intent cross-entropy in the loss.
         intent_encoder: what the intent head reads: ``pooled`` (a position-weighted

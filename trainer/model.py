@@ -50,7 +50,8 @@ class RetrievalModel(tfrs.Model):
             ones), which also train the ``implied`` intent's global head; 0: the
             per-position negatives of the batch (``data.NEGATIVES``).
         implied_negatives: uniform negatives shared by the batch in the ``implied``
-            intent's global head (without ``shared_negatives``).
+            intent's global head (without ``shared_negatives``); at least ``num_items``:
+            the head's exact softmax over every item instead.
         item_cluster: [N + 1] cluster of each model item id (``-1`` for PAD_ID); needed by
             the ``softmax`` loss of in-cluster variants, by ``pooled-clusters`` and ``implied``.
 
@@ -155,6 +156,7 @@ class RetrievalModel(tfrs.Model):
         if intent_encoder == "pooled-clusters":
             self.cluster_embedding = tf.keras.layers.Embedding(num_clusters, dim)
         self.global_loss = losses.SampledSoftmaxLoss()
+        self.full_global_loss = losses.FullSoftmaxLoss()
         self.intent_loss = losses.IntentLoss()
         self.shared_sampler = None
         if shared_negatives:
@@ -270,17 +272,24 @@ class RetrievalModel(tfrs.Model):
     ) -> tf.Tensor:
         """Sampled softmax of unprompted outputs [S, d] over all items: the target [S]
         against ``negatives`` [G] shared by the batch (default: ``implied_negatives``
-        uniform draws; accidental hits masked; uniform draws need no log-Q correction),
-        or against the step's ``shared`` draw ``(SharedDraw, vectors [G, d])``, log-Q
-        corrected by its stratified draw probabilities."""
+        uniform draws; accidental hits masked; uniform draws need no log-Q correction;
+        ``implied_negatives >= num_items``: the exact softmax over every item), or against
+        the step's ``shared`` draw ``(SharedDraw, vectors [G, d])``, log-Q corrected by its
+        stratified draw probabilities."""
         positive = tf.reduce_sum(unprompted * self.candidate_embeddings(target), axis=-1)
         if shared is not None:
             draw, vectors = shared
             negative = tf.matmul(unprompted, vectors, transpose_b=True)
             valid = self.shared_sampler.global_valid(draw, target)
             return self.global_loss(positive, negative, valid=valid, log_q=draw.global_log_q)
+        if negatives is None and self.implied_negatives >= self.num_items:
+            # As many negatives as items: the exact softmax over the whole catalogue.
+            candidates = self.candidate_embeddings(tf.range(self.num_items + 1))
+            logits = tf.matmul(unprompted, candidates, transpose_b=True)  # [S, N + 1]
+            allowed = tf.range(self.num_items + 1)[None, :] > 0
+            return self.full_global_loss(logits, target, allowed)
         if negatives is None:
-            count = min(self.implied_negatives, self.num_items)
+            count = self.implied_negatives
             negatives = tf.random.uniform([count], 1, self.num_items + 1, dtype=tf.int32)
         negative = tf.matmul(unprompted, self.candidate_embeddings(negatives), transpose_b=True)
         valid = tf.not_equal(negatives[None, :], tf.cast(target, tf.int32)[:, None])

@@ -61,6 +61,24 @@ def test_global_head_loss_against_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_global_head_loss_is_the_exact_softmax_with_as_many_negatives_as_items():
+    model = RetrievalModel(
+        VARIANTS["dnc"], OUTPUT_PROMPT, N, K, 5, loss="softmax", intent_encoder="implied",
+        item_cluster=ITEM_CLUSTER, implied_negatives=N,
+    )  # fmt: skip
+    h = RNG.normal(size=(7, SMALL.embedding_dim)).astype(np.float32)
+    target = RNG.integers(1, N + 1, size=7).astype(np.int32)
+    items = model.candidate_embeddings(np.arange(N + 1)).numpy()
+    logits = h @ items[1:].T
+    mx = logits.max(axis=1)
+    want = np.mean(
+        mx + np.log(np.exp(logits - mx[:, None]).sum(axis=1)) - logits[np.arange(7), target - 1]
+    )
+    # Deterministic (no draw): the same value twice.
+    np.testing.assert_allclose(model.global_head_loss(h, target).numpy(), want, rtol=1e-5)
+    np.testing.assert_allclose(model.global_head_loss(h, target).numpy(), want, rtol=1e-5)
+
+
 @pytest.mark.parametrize("config", [SMALL, OUTPUT_PROMPT])
 def test_all_position_loss_adds_the_weighted_global_head_loss(config):
     """One shared pass (output prompts) or two (input prompts): the same loss."""
