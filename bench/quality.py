@@ -186,12 +186,18 @@ MODEL_ARGUMENTS = (
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The architecture and training knobs of ``MODEL_ARGUMENTS`` (for bench/tune.py).
 
-    Their defaults are concrete, the default regime's values (the same for every
-    variant): tune.py records them and checks them against ``--include``d reports.
+    Their defaults are concrete where every variant's default regime shares the value:
+    tune.py records them and checks them against ``--include``d reports. A knob whose
+    regime differs between variants (``embedding_dim``: 100 for dnc) defaults to None,
+    each variant's own regime.
     """
     from trainer import knobs
 
-    defaults = {name: knobs.common_default(name) for name in MODEL_ARGUMENTS}
+    defaults = {}
+    for name in MODEL_ARGUMENTS:
+        values = knobs.regime_values(name, "default")
+        if len(values) == 1:
+            defaults[name] = next(iter(values))
     knobs.add_arguments(parser, names=MODEL_ARGUMENTS, defaults=defaults, show_regime=False)
 
 

@@ -28,7 +28,8 @@ def _training(model_dir: str) -> Dict[str, Any]:
     with open(os.path.join(model_dir, "model", "model.json"), encoding="utf-8") as f:
         raw = json.load(f)
     history, config = raw["history"], raw["config"]
-    monitor = f"val_recall@{config['eval_m'][0]}"
+    # Models trained before the mean-recall monitor logged only val_recall@M.
+    monitor = "val_recall" if "val_recall" in history[0] else f"val_recall@{config['eval_m'][0]}"
     best = max(range(len(history)), key=lambda i: history[i].get(monitor, -1.0))
     rates = sorted(e["samples_per_second"] for e in history)
     return {

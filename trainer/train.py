@@ -100,8 +100,22 @@ class ModelScorer:
         return self._interests(tf.constant(history, tf.int32)).numpy()
 
 
+# The early-stopping monitor: the mean validation recall over the ``eval_m`` list sizes.
+# One list size alone stalls on a 2,000-user sample (on the ML-1M-sized set R@20 read
+# 0.5035 four epochs running while R@50 rose 0.709 -> 0.732, and training stopped there).
+MONITOR = "val_recall"
+
+
+def mean_recall(recall: Dict[int, float]) -> float:
+    """The monitor's value: the mean of Recall@M over the list sizes M."""
+    if not recall:
+        raise ValueError("mean_recall needs at least one list size")
+    return float(np.mean(list(recall.values())))
+
+
 class ValidationRecall(tf.keras.callbacks.Callback):
-    """Adds validation Recall@M (the serving merge path) and samples/s to the epoch logs.
+    """Adds validation Recall@M (the serving merge path), their mean (``MONITOR``) and
+    samples/s to the epoch logs.
 
     Args:
         eval_data: validation users.
@@ -161,6 +175,7 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         for m in self.m_values:
             logs[f"val_recall@{m}"] = result.recall[m]
             logs[f"val_within_cluster_recall@{m}"] = result.within_cluster_recall[m]
+        logs[MONITOR] = mean_recall({m: result.recall[m] for m in self.m_values})
         if result.intent_top1 is not None:
             logs["val_intent_top1"] = result.intent_top1
 
@@ -250,7 +265,6 @@ def _callbacks(
         max_users=config.eval_users,
         seed=config.seed,
     )
-    monitor = f"val_recall@{config.eval_m[0]}"
     return [
         ValidationRecall(
             validation,
@@ -262,7 +276,7 @@ def _callbacks(
         ),
         tf.keras.callbacks.BackupAndRestore(os.path.join(config.output, "backup")),
         tf.keras.callbacks.EarlyStopping(
-            monitor=monitor,
+            monitor=MONITOR,
             mode="max",
             patience=config.patience,
             restore_best_weights=True,

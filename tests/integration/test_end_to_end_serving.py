@@ -1,7 +1,8 @@
 """preprocess -> train -> export -> `dnc serve` -> Predict over the real gRPC stub and REST.
 
 The served items must be the ones the trainer's own evaluation path returns for the
-brute-force export (same alpha, same histories).
+brute-force export (same merge, alpha and prompt weight as selected at export, same
+histories).
 """
 
 import json
@@ -36,9 +37,13 @@ def served(tiny_data, tmp_path_factory):
     assert main(["--log-level=WARNING"] + export) == 0
     with open(os.path.join(base, "1", METADATA_DIR, METADATA_FILE)) as f:
         metadata = json.load(f)
-    merge, alpha = metadata["merge"], float(metadata["alpha"])
+    selected = {
+        "alpha": float(metadata["alpha"]),
+        "merge": metadata["merge"],
+        "prompt_weight": float(metadata.get("prompt_weight", 1.0)),
+    }
     with dnc_serve(base, "dnc") as server:
-        yield {"model_dir": model_dir, "alpha": alpha, "merge": merge, **server}
+        yield {"model_dir": model_dir, **selected, **server}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +54,8 @@ def reference(tiny_data, served):
     model, _ = load_model(served["model_dir"], tiny_data)
     exact = evaluation.retrieve(
         ModelScorer(model), ev.histories, ev.exclude, items.item_cluster, m=M,
-        alpha=served["alpha"], merge=served["merge"], progress=False,
+        alpha=served["alpha"], merge=served["merge"],
+        prompt_weight=served["prompt_weight"], progress=False,
     )  # fmt: skip
     raw = raw_requests(ev.exclude, items)
     expected = [{items.item_ids[i - 1] for i in row if i} for row in exact]

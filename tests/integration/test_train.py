@@ -13,7 +13,7 @@ from pipeline.cli import main
 from pipeline.evaluator import popularity_recall
 from trainer import data, sequence_data
 from trainer.config import VARIANTS, ModelConfig, TrainConfig, make_train_config
-from trainer.train import ModelScorer, load_model, train
+from trainer.train import MONITOR, ModelScorer, load_model, train
 
 SMALL = ModelConfig(embedding_dim=16, max_len=10, num_blocks=1, dropout=0.0)
 
@@ -32,6 +32,8 @@ def test_every_variant_trains_and_reports_validation_recall(tiny_data, tmp_path,
     (epoch,) = result.history
     assert np.isfinite(epoch["loss"]) and epoch["loss"] > 0
     assert 0.0 <= epoch["val_recall@5"] <= epoch["val_recall@10"] <= 1.0
+    # the early-stopping monitor: the mean over the list sizes
+    assert np.isclose(epoch[MONITOR], (epoch["val_recall@5"] + epoch["val_recall@10"]) / 2)
     assert epoch["samples_per_second"] > 0
     assert os.path.exists(os.path.join(result.model_dir, "model.json"))
 

@@ -63,7 +63,8 @@ def test_yaml_and_toml_give_the_same_config(tmp_path):
     assert a == b
     assert a.trainer.eval_m == (5, 10) and a.trainer.model.max_len == 20
     assert a.trainer.model.embedding_dim is None  # unset: the variant's regime
-    assert a.trainer.train_config("dnc", "d", "o").model.embedding_dim == 50
+    assert a.trainer.train_config("dnc", "d", "o").model.embedding_dim == 100
+    assert a.trainer.train_config("sasrec", "d", "o").model.embedding_dim == 50
     assert a.beam.args() == ("--runner=DirectRunner", "--direct_num_workers=2")
 
 

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf  # conftest imports dnc_env first
 
 from trainer.config import TrainConfig
-from trainer.train import early_stopping_start
+from trainer.train import early_stopping_start, mean_recall
 
 
 @pytest.mark.parametrize(
@@ -37,3 +37,28 @@ def test_keras_early_stopping_ignores_a_stall_before_the_start_epoch():
         if model.stop_training:
             break
     assert epoch == 5 and np.isclose(callback.best, 0.5)
+
+
+def test_the_monitor_is_the_mean_recall_over_the_list_sizes():
+    assert mean_recall({20: 0.5035, 50: 0.7315}) == pytest.approx(0.6175)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_recall({})
+
+
+def test_the_mean_monitor_keeps_training_while_one_list_size_stalls():
+    """The ML-1M-sized case: R@20 flat for three epochs, R@50 still rising."""
+    r20, r50 = [0.49, 0.5035, 0.5035, 0.5035, 0.5035], [0.69, 0.709, 0.7185, 0.7205, 0.7315]
+    stops = {}
+    for name, series in {
+        "r20": r20,
+        "mean": [mean_recall({20: a, 50: b}) for a, b in zip(r20, r50, strict=True)],
+    }.items():
+        callback = tf.keras.callbacks.EarlyStopping(monitor="r", mode="max", patience=3)
+        model = tf.keras.Sequential([tf.keras.layers.Dense(1)])
+        model.build((None, 1))
+        callback.set_model(model)
+        callback.on_train_begin()
+        for epoch, value in enumerate(series):
+            callback.on_epoch_end(epoch, {"r": value})
+        stops[name] = model.stop_training
+    assert stops == {"r20": True, "mean": False}
