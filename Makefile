@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-load lock clean
+.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-merge bench-load lock clean
 
 venv: $(STAMP)
 
@@ -64,18 +64,22 @@ bench-tune: venv
 	$(BIN)/python bench/tune.py --data runs/bench-synthetic --grid bench/grids/synthetic-long.json \
 		--m 50,100 --epochs 30 --out bench/results/tune-synthetic-30ep
 
-# Issue 11: sasrec, sasrec-mixed and dnc, each in its default regime, on the real data sets in
-# ../shared/data (about 15 minutes a run on Beauty/Toys, 5 on LastFM, 2 cores), and the
-# default regimes' throughput on the ML-1M-sized synthetic set.
+# Issue 11: sasrec and dnc, 5 grid points each (bench/grids/issue11.json), selected on
+# validation, on the real data sets in ../shared/data (about 10-15 minutes a run on
+# Beauty/Toys, 5-12 on LastFM, 2 cores; several hours in all), then the cross-data-set table.
 SHARED_DATA ?= ../shared/data
 bench-compare: venv
 	for ds in lastfm:LastFM amazon-beauty:Beauty amazon-toys:Toys_and_Games; do \
 		name=$${ds%%:*}; file=$${ds##*:}; \
 		$(BIN)/dnc preprocess --source sequences --input $(SHARED_DATA)/$$name/$$file.txt \
 			--output runs/$$name && \
-		$(BIN)/python bench/compare.py --data runs/$$name --epochs 20 \
-			--out bench/results/compare-$$name || exit 1; \
+		$(BIN)/python bench/compare.py --data runs/$$name --grid bench/grids/issue11.json \
+			--variants sasrec,dnc --out bench/results/compare-issue11-$$name || exit 1; \
 	done
+	$(BIN)/python bench/summarize_compare.py --out bench/results/issue11-summary \
+		--report "Amazon Beauty=bench/results/compare-issue11-amazon-beauty.json" \
+		--report "Amazon Toys=bench/results/compare-issue11-amazon-toys.json" \
+		--report "LastFM=bench/results/compare-issue11-lastfm.json"
 
 # Issue 12: mind and comirec-sa in their default regimes beside the earlier sasrec/dnc runs
 # (docs/multi-interest.md), and the four default regimes' throughput in one run.
@@ -116,6 +120,11 @@ bench-defaults: venv
 
 bench-serving: venv
 	$(BIN)/python bench/serving.py
+
+# What each merge (quota; score at prompt weights 1, 0.25, 0) costs a request at 1M items.
+bench-merge: venv
+	$(BIN)/python bench/merge_latency.py --size 1000000 --latent-dim 8 \
+		--out bench/results/serving-merge-1m
 
 # The server under load and faults, loopback only: the soak (32 clients, 20,000 requests,
 # three versions pushed during the run, one corrupt) and SIGKILL + restart mid-load. Uses

@@ -227,9 +227,12 @@ def export_synthetic(
     output: str,
     args: argparse.Namespace,
     per_cluster_k: bool = True,
+    merge: str = "quota",
+    prompt_weight: float = 1.0,
 ) -> Dict[str, Any]:
     """Builds the ``RetrievalModule`` over ``data`` and saves it to ``output``
-    (``per_cluster_k=False``: the fixed-k reference path).
+    (``per_cluster_k=False``: the fixed-k reference path; ``merge`` and ``prompt_weight``
+    as ``dnc export``'s).
 
     Returns build / save seconds, the plans and the SavedModel size.
     """
@@ -262,6 +265,8 @@ def export_synthetic(
         alpha=args.alpha,
         max_history=args.max_history,
         per_cluster_k=per_cluster_k,
+        merge=merge,
+        prompt_weight=prompt_weight,
     )
     build_seconds = time.monotonic() - start
     start = time.monotonic()

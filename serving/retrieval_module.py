@@ -15,7 +15,8 @@
   or ``score`` (``trainer.score_merge.score_merge_tf``: the top-M of the union of the
   per-cluster lists by ``alpha * log p_k + s - log Z_k``; the in-cluster log-partition
   ``log Z_k`` is exact, from one matmul per cluster against that cluster's item
-  embeddings, kept in the module for this purpose, with the history items left out).
+  embeddings, kept in the module for this purpose, with the history items left out; at
+  prompt weight 0 the offsets are unused and neither the tables nor the matmul are kept).
 
 History handling of one request (``history`` [B, n] raw ids, oldest first):
 
@@ -275,8 +276,12 @@ class RetrievalModule(tf.Module):
         # Static width of the per-cluster lists the merge reads: no cluster contributes
         # more than num_results <= max_num_results items.
         self.width = min(self.k_max, self.max_num_results) if self.per_cluster_k else self.k_max
+        # The exact log-partitions cost one matmul against every item, as much as brute
+        # force over the catalogue: at prompt weight 0 the offsets are weighted by 0 (the
+        # merge is the unprompted global ranking), so neither the tables nor the matmul
+        # are kept.
         self.cluster_tables: List[Optional[tf.Variable]] = []
-        if self.merged and self.merge == "score":
+        if self.merged and self.merge == "score" and self.prompt_weight > 0:
             position = np.zeros(len(cluster), np.int32)
             for c, rows in enumerate(groups):
                 position[rows] = np.arange(rows.size, dtype=np.int32)
@@ -505,7 +510,11 @@ class RetrievalModule(tf.Module):
             scores = tf.where(allowed[:, :, None], scores, -np.inf)
             ids = tf.where(allowed[:, :, None], ids, PAD_ID)
         if self.merge == "score":
-            log_z = self._log_partition(users, seen)
+            log_z = (
+                self._log_partition(users, seen)
+                if self.cluster_tables
+                else tf.zeros([b, k], tf.float32)  # prompt weight 0: the offsets are unused
+            )
             merged = score_merge_tf(scores, ids, log_z, p, alpha, num_results, self.prompt_weight)
             return self._finish(*merged, num_results)
         if allowed is not None:

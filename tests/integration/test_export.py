@@ -163,6 +163,10 @@ def test_score_merge_export_matches_the_exact_evaluation_path(
     )
     np.testing.assert_array_equal(served, reference)  # same items, same order
     assert np.all(np.diff(out["scores"], axis=1) <= 0)
+    # The exact log-partitions' item tables (a brute-force matmul per request) are kept
+    # only where the offsets count: prompt weight > 0.
+    stored = [n for n, _ in tf.train.list_variables(os.path.join(path, "variables", "variables"))]
+    assert any(n.startswith("cluster_tables/") for n in stored) == (weight > 0), stored
     if weight == 0.0:  # the unprompted global ranking: the plain path's lists
         model, _ = load_model(exported["model_dir"], tiny_data)
         ev = requests["ev"]

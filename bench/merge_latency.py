@@ -1,0 +1,169 @@
+"""What each merge costs a request at a million items: quota, score at several prompt weights.
+
+The score merge's offsets need the exact in-cluster log-partitions ``log Z_k``: one matmul
+of the K cluster queries against every item of their cluster, the work of a brute-force
+search over the whole catalogue, whatever the index. At prompt weight 0 the offsets are
+weighted by 0 and the export keeps neither the item tables nor the matmul
+(``serving.retrieval_module``). This benchmark measures that cost on the serving graph
+itself: the same synthetic catalogue and stand-in towers as ``bench/serving.py`` (real
+vocabulary lookup, one index per cluster, per-cluster k), one SavedModel per merge, loaded
+together and called in interleaved rounds (``bench.serving.run_in_process``), so that their
+ratios share the machine's load. A brute-force quota export is the reference of exact search.
+
+    .venv/bin/python bench/merge_latency.py --size 1000000 --latent-dim 8 \\
+        --out bench/results/serving-merge-1m
+
+Writes OUT.json (figures, machine, versions, settings) and OUT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # ahead of bench/: ``serving`` is the project's package
+
+import dnc_env  # noqa: E402,F401  (tf-keras before tensorflow)
+from bench import serving as bench_serving  # noqa: E402
+
+# (name, index kind, merge, prompt weight)
+VARIANTS: Tuple[Tuple[str, str, str, float], ...] = (
+    ("brute force, quota", "brute-force", "quota", 1.0),
+    ("ScaNN, quota", "scann", "quota", 1.0),
+    ("ScaNN, score w=1", "scann", "score", 1.0),
+    ("ScaNN, score w=0.25", "scann", "score", 0.25),
+    ("ScaNN, score w=0", "scann", "score", 0.0),
+)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command line of the benchmark (the catalogue flags are ``bench/serving.py``'s)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", type=int, default=1_000_000, help="items in the catalogue")
+    p.add_argument("--clusters", type=int, default=10)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--noise", type=float, default=1.0)
+    p.add_argument("--latent-dim", type=int, default=8, help="noise subspace (0: isotropic)")
+    p.add_argument("--num-results", type=int, default=50, help="M of serving_default")
+    p.add_argument("--max-num-results", type=int, default=200)
+    p.add_argument("--max-history", type=int, default=512)
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--scann-min-size", type=int, default=1024)
+    p.add_argument("--leaves-fraction", type=float, default=0.2)
+    p.add_argument("--min-history", type=int, default=20)
+    p.add_argument("--max-history-len", type=int, default=50)
+    p.add_argument("--requests", type=int, default=300, help="timed rounds (one request each)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--phase-seconds", type=float, default=600.0, help="cap of the timed phase")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "serving-merge-1m"))
+    args = p.parse_args(argv)
+    if args.size < args.clusters:
+        p.error(f"--size {args.size} must be at least --clusters {args.clusters}")
+    return args
+
+
+def export_all(args: argparse.Namespace, work: str) -> Tuple[List[Dict[str, Any]], List[str], Any]:
+    """One SavedModel per variant; returns their rows, paths and the request histories."""
+    data = bench_serving.synthetic_items(
+        args.size, args.clusters, args.dim, args.noise, args.seed, args.latent_dim
+    )
+    ids = bench_serving.item_ids(args.size)
+    histories = bench_serving.synthetic_histories(
+        data["item_cluster"], data["sizes"], args.requests, args.min_history,
+        args.max_history_len, args.seed,
+    )  # fmt: skip
+    rows, paths = [], []
+    for name, kind, merge, weight in VARIANTS:
+        path = os.path.join(work, f"v{len(paths)}", "1")
+        print(f"[{args.size:,} items] {name}: building and saving", flush=True)
+        row = {"variant": name, "index": kind, "merge": merge, "prompt_weight": weight}
+        built = bench_serving.export_synthetic(
+            data, ids, kind, path, args, merge=merge, prompt_weight=weight
+        )
+        row.update({k: built[k] for k in ("build_seconds", "save_seconds", "saved_model_mb")})
+        rows.append(row)
+        paths.append(path)
+    return rows, paths, histories
+
+
+def measure(args: argparse.Namespace, work: str) -> List[Dict[str, Any]]:
+    """Rows of figures, one per variant (latency in-process, lists vs brute force)."""
+    rows, paths, histories = export_all(args, work)
+    timed = bench_serving.run_in_process(
+        paths, histories, args.requests, args.warmup, args.phase_seconds
+    )
+    exact = timed[0][1]
+    brute_p50 = timed[0][0]["p50_ms"]
+    for row, (stats, lists) in zip(rows, timed, strict=True):
+        row["in_process"] = stats
+        row["p50_vs_brute_force"] = round(brute_p50 / stats["p50_ms"], 2)
+        if row["merge"] == "quota":
+            row["recall_vs_brute_force"] = bench_serving.recall(lists, exact)
+        print(f"{row['variant']}: {stats}", flush=True)
+    gc.collect()
+    return rows
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    """The report as a Markdown table."""
+    s = report["settings"]
+    lines = [
+        f"### Merge cost per request, {s['size']:,} items, K={s['clusters']}, d={s['dim']} "
+        f"(latent {s['latent_dim']}), M={s['num_results']}, in-process, interleaved",
+        "",
+        "| variant | p50 ms | p99 ms | p50 speed-up vs brute force | SavedModel MB | build s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        ip = r["in_process"]
+        lines.append(
+            f"| {r['variant']} | {ip['p50_ms']:.2f} | {ip['p99_ms']:.2f} | "
+            f"{r['p50_vs_brute_force']:.2f}x | {r['saved_model_mb']:,.0f} | {r['build_seconds']} |"
+        )
+    m = report["machine"]
+    lines += [
+        "",
+        f"Load average {m['load_average_start']} at start, {m['load_average_end']} at the end; "
+        f"{report['total_seconds']} s in all.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the benchmark; returns the exit code."""
+    args = parse_args(argv)
+    report: Dict[str, Any] = {
+        "benchmark": "merge_latency",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": bench_serving.machine(),
+        "versions": bench_serving.versions(),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "model": "bench/serving.py's synthetic catalogue and stand-in towers",
+    }
+    work = tempfile.mkdtemp(prefix="dnc-merge-bench-")
+    started = time.monotonic()
+    try:
+        report["results"] = measure(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["total_seconds"] = round(time.monotonic() - started, 1)
+    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    bench_serving.write(report, args.out, markdown)
+    print(f"wrote {args.out}.json and {args.out}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
