@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-merge bench-load lock clean
+.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-merge bench-profile bench-load lock clean
 
 venv: $(STAMP)
 
@@ -125,6 +125,12 @@ bench-serving: venv
 bench-merge: venv
 	$(BIN)/python bench/merge_latency.py --size 1000000 --latent-dim 8 \
 		--out bench/results/serving-merge-1m
+
+# One request at 1M items split into its stages (gRPC protos, vocabulary, tower, each index
+# search, exclusion, merge), ScaNN and brute force.
+bench-profile: venv
+	$(BIN)/python bench/request_profile.py --size 1000000 --latent-dim 8 \
+		--out bench/results/serving-profile-1m
 
 # The server under load and faults, loopback only: the soak (32 clients, 20,000 requests,
 # three versions pushed during the run, one corrupt) and SIGKILL + restart mid-load. Uses

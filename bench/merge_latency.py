@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 if ROOT not in sys.path:
@@ -45,9 +45,8 @@ VARIANTS: Tuple[Tuple[str, str, str, float], ...] = (
 )
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Command line of the benchmark (the catalogue flags are ``bench/serving.py``'s)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_catalogue_args(p: argparse.ArgumentParser) -> None:
+    """The synthetic catalogue, request and timing flags (``bench/serving.py``'s names)."""
     p.add_argument("--size", type=int, default=1_000_000, help="items in the catalogue")
     p.add_argument("--clusters", type=int, default=10)
     p.add_argument("--dim", type=int, default=64)
@@ -66,6 +65,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--phase-seconds", type=float, default=600.0, help="cap of the timed phase")
     p.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command line of the benchmark."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_catalogue_args(p)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "serving-merge-1m"))
     args = p.parse_args(argv)
     if args.size < args.clusters:
@@ -141,28 +146,38 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Runs the benchmark; returns the exit code."""
-    args = parse_args(argv)
+def run_benchmark(
+    name: str,
+    args: argparse.Namespace,
+    measure_rows: Callable[[argparse.Namespace, str], List[Dict[str, Any]]],
+    to_markdown: Callable[[Dict[str, Any]], str],
+) -> int:
+    """Runs ``measure_rows(args, work_dir)`` on the synthetic catalogue and writes the report
+    (figures, machine, load averages, versions, settings) to ``args.out`` .json and .md."""
     report: Dict[str, Any] = {
-        "benchmark": "merge_latency",
+        "benchmark": name,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": bench_serving.machine(),
         "versions": bench_serving.versions(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "model": "bench/serving.py's synthetic catalogue and stand-in towers",
     }
-    work = tempfile.mkdtemp(prefix="dnc-merge-bench-")
+    work = tempfile.mkdtemp(prefix=f"dnc-{name}-")
     started = time.monotonic()
     try:
-        report["results"] = measure(args, work)
+        report["results"] = measure_rows(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["total_seconds"] = round(time.monotonic() - started, 1)
     report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    bench_serving.write(report, args.out, markdown)
+    bench_serving.write(report, args.out, to_markdown)
     print(f"wrote {args.out}.json and {args.out}.md")
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the benchmark; returns the exit code."""
+    return run_benchmark("merge_latency", parse_args(argv), measure, markdown)
 
 
 if __name__ == "__main__":

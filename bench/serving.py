@@ -220,6 +220,55 @@ def make_towers(data: Dict[str, np.ndarray], max_len: int, seed: int) -> Any:
     return SyntheticTowers()
 
 
+def index_plans(
+    data: Dict[str, np.ndarray], index: str, args: argparse.Namespace
+) -> List[Dict[str, Any]]:
+    """The plan ``dnc export`` would choose for each cluster's index."""
+    from serving.retrieval_module import index_plan
+
+    k = args.max_num_results + args.max_history
+    return [
+        index_plan(int(s), k, index, args.scann_min_size, args.leaves_fraction)
+        for s in data["sizes"]
+    ]
+
+
+def build_module(
+    data: Dict[str, np.ndarray],
+    ids: Sequence[str],
+    index: str,
+    vocab_dir: str,
+    args: argparse.Namespace,
+    per_cluster_k: bool = True,
+    merge: str = "quota",
+    prompt_weight: float = 1.0,
+) -> Any:
+    """The ``RetrievalModule`` over ``data`` with ``index`` plans (vocabulary file written
+    to ``vocab_dir`` once); the arguments as in :func:`export_synthetic`."""
+    from preprocessing import features
+    from serving.retrieval_module import RetrievalModule
+
+    vocab_path = os.path.join(vocab_dir, "vocab.txt")
+    if not os.path.exists(vocab_path):
+        with open(vocab_path, "w", encoding="utf-8") as f:
+            for raw, c in zip(ids, data["item_cluster"][1:], strict=True):
+                f.write(f"{raw}{features.VOCAB_DELIMITER}{int(c)}\n")
+    return RetrievalModule(
+        make_towers(data, args.max_len, args.seed),
+        vocab_path,
+        list(ids),
+        data["item_cluster"],
+        index_plans(data, index, args),
+        max_num_results=args.max_num_results,
+        default_num_results=args.num_results,
+        alpha=args.alpha,
+        max_history=args.max_history,
+        per_cluster_k=per_cluster_k,
+        merge=merge,
+        prompt_weight=prompt_weight,
+    )
+
+
 def export_synthetic(
     data: Dict[str, np.ndarray],
     ids: Sequence[str],
@@ -238,36 +287,12 @@ def export_synthetic(
     """
     import tensorflow as tf
 
-    from preprocessing import features
-    from serving.retrieval_module import RetrievalModule, index_plan
-
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    vocab_path = os.path.join(os.path.dirname(os.path.dirname(output)), "vocab.txt")
-    if not os.path.exists(vocab_path):
-        with open(vocab_path, "w", encoding="utf-8") as f:
-            for raw, c in zip(ids, data["item_cluster"][1:], strict=True):
-                f.write(f"{raw}{features.VOCAB_DELIMITER}{int(c)}\n")
-    k = args.max_num_results + args.max_history
-    plans = [
-        index_plan(int(s), k, index, args.scann_min_size, args.leaves_fraction)
-        for s in data["sizes"]
-    ]
     start = time.monotonic()
-    towers = make_towers(data, args.max_len, args.seed)
-    module = RetrievalModule(
-        towers,
-        vocab_path,
-        list(ids),
-        data["item_cluster"],
-        plans,
-        max_num_results=args.max_num_results,
-        default_num_results=args.num_results,
-        alpha=args.alpha,
-        max_history=args.max_history,
-        per_cluster_k=per_cluster_k,
-        merge=merge,
-        prompt_weight=prompt_weight,
-    )
+    module = build_module(
+        data, ids, index, os.path.dirname(os.path.dirname(output)), args,
+        per_cluster_k=per_cluster_k, merge=merge, prompt_weight=prompt_weight,
+    )  # fmt: skip
     build_seconds = time.monotonic() - start
     start = time.monotonic()
     tf.saved_model.save(
@@ -284,7 +309,7 @@ def export_synthetic(
     os.makedirs(os.path.join(output, METADATA_DIR), exist_ok=True)
     with open(os.path.join(output, METADATA_DIR, METADATA_FILE), "w", encoding="utf-8") as f:
         json.dump({"max_num_results": args.max_num_results, "synthetic": True}, f)
-    del module, towers
+    del module
     gc.collect()
     size = sum(
         os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(output) for f in files
@@ -293,7 +318,7 @@ def export_synthetic(
         "build_seconds": round(build_seconds, 2),
         "save_seconds": round(save_seconds, 2),
         "saved_model_mb": round(size / 2**20, 1),
-        "plans": plans,
+        "plans": index_plans(data, index, args),
     }
 
 
