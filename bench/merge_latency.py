@@ -19,14 +19,10 @@ Writes OUT.json (figures, machine, versions, settings) and OUT.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
-import shutil
 import sys
-import tempfile
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 if ROOT not in sys.path:
@@ -46,25 +42,13 @@ VARIANTS: Tuple[Tuple[str, str, str, float], ...] = (
 
 
 def add_catalogue_args(p: argparse.ArgumentParser) -> None:
-    """The synthetic catalogue, request and timing flags (``bench/serving.py``'s names)."""
+    """``bench/serving.py``'s catalogue flags (8-d latent noise: the low-rank set) with one
+    ``--size`` and in-process timing rounds."""
     p.add_argument("--size", type=int, default=1_000_000, help="items in the catalogue")
-    p.add_argument("--clusters", type=int, default=10)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--noise", type=float, default=1.0)
-    p.add_argument("--latent-dim", type=int, default=8, help="noise subspace (0: isotropic)")
-    p.add_argument("--num-results", type=int, default=50, help="M of serving_default")
-    p.add_argument("--max-num-results", type=int, default=200)
-    p.add_argument("--max-history", type=int, default=512)
-    p.add_argument("--max-len", type=int, default=50)
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--scann-min-size", type=int, default=1024)
-    p.add_argument("--leaves-fraction", type=float, default=0.2)
-    p.add_argument("--min-history", type=int, default=20)
-    p.add_argument("--max-history-len", type=int, default=50)
+    bench_serving.add_catalogue_args(p, latent_dim=8)
     p.add_argument("--requests", type=int, default=300, help="timed rounds (one request each)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--phase-seconds", type=float, default=600.0, help="cap of the timed phase")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -146,38 +130,9 @@ def markdown(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_benchmark(
-    name: str,
-    args: argparse.Namespace,
-    measure_rows: Callable[[argparse.Namespace, str], List[Dict[str, Any]]],
-    to_markdown: Callable[[Dict[str, Any]], str],
-) -> int:
-    """Runs ``measure_rows(args, work_dir)`` on the synthetic catalogue and writes the report
-    (figures, machine, load averages, versions, settings) to ``args.out`` .json and .md."""
-    report: Dict[str, Any] = {
-        "benchmark": name,
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": bench_serving.machine(),
-        "versions": bench_serving.versions(),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "model": "bench/serving.py's synthetic catalogue and stand-in towers",
-    }
-    work = tempfile.mkdtemp(prefix=f"dnc-{name}-")
-    started = time.monotonic()
-    try:
-        report["results"] = measure_rows(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    report["total_seconds"] = round(time.monotonic() - started, 1)
-    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    bench_serving.write(report, args.out, to_markdown)
-    print(f"wrote {args.out}.json and {args.out}.md")
-    return 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the benchmark; returns the exit code."""
-    return run_benchmark("merge_latency", parse_args(argv), measure, markdown)
+    return bench_serving.run_benchmark("merge_latency", parse_args(argv), measure, markdown)
 
 
 if __name__ == "__main__":

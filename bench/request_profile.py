@@ -45,9 +45,11 @@ import numpy as np  # noqa: E402
 
 import dnc_env  # noqa: E402,F401  (tf-keras before tensorflow)
 from bench import serving as bench_serving  # noqa: E402
-from bench.merge_latency import add_catalogue_args, run_benchmark  # noqa: E402
+from bench.merge_latency import add_catalogue_args  # noqa: E402
 
 INDEXES = ("scann", "brute-force")
+WHOLE = "whole serving_default call"
+EMPTY = "dispatch of an empty tf.function"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -133,7 +135,7 @@ class Stages:
         alpha = tf.constant(module.default_alpha, tf.float32)
         out = timed("8 quota merge + output gather", lambda: self.merge(scores, ids, p, m, alpha))
         timed("9 gRPC response: TensorProtos, encode, parse", lambda: _response(out))
-        timed("dispatch of an empty tf.function", lambda: self.empty(m))
+        timed(EMPTY, lambda: self.empty(m))
         return out
 
 
@@ -169,7 +171,8 @@ def profile(args: argparse.Namespace, index: str, data: Dict[str, np.ndarray], w
         args.max_history_len, args.seed,
     )  # fmt: skip
     start = time.monotonic()
-    module = bench_serving.build_module(data, ids, index, work, args)
+    plans = bench_serving.index_plans(data, index, args)
+    module = bench_serving.build_module(data, ids, plans, work, args)
     build = time.monotonic() - start
     stages = Stages(module)
     samples: Dict[str, List[float]] = {}
@@ -185,7 +188,7 @@ def profile(args: argparse.Namespace, index: str, data: Dict[str, np.ndarray], w
     for i in range(args.warmup):
         h = histories[i % len(histories)]
         stages.request(h, timed)
-        timed("whole serving_default call", lambda h=h: whole(tf.constant(h)))
+        timed(WHOLE, lambda h=h: whole(tf.constant(h)))
     samples.clear()
     begin = time.monotonic()
     for i in range(args.requests):
@@ -193,24 +196,17 @@ def profile(args: argparse.Namespace, index: str, data: Dict[str, np.ndarray], w
             break
         h = histories[i % len(histories)]
         staged = stages.request(h, timed)
-        joined = timed("whole serving_default call", lambda h=h: whole(tf.constant(h)))
+        joined = timed(WHOLE, lambda h=h: whole(tf.constant(h)))
         if not np.array_equal(staged["item_ids"].numpy(), joined["item_ids"].numpy()):
             raise RuntimeError(f"request {i}: the staged path and serving_default disagree")
     return {"index": index, "build_seconds": round(build, 2), "stages": _summarize(samples)}
 
 
 def _summarize(samples: Dict[str, List[float]]) -> List[Dict[str, Any]]:
-    rows = []
-    for name, values in samples.items():
-        ms = np.asarray(values) * 1000.0
-        rows.append({
-            "stage": name,
-            "calls": int(ms.size),
-            "p50_ms": round(float(np.percentile(ms, 50)), 4),
-            "p99_ms": round(float(np.percentile(ms, 99)), 4),
-            "mean_ms": round(float(ms.mean()), 4),
-        })  # fmt: skip
-    return rows
+    """One row of latency statistics (``bench.serving.summarize``) per stage."""
+    return [
+        {"stage": name, **bench_serving.summarize(values, 0.0)} for name, values in samples.items()
+    ]
 
 
 def _grouped(stages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -240,8 +236,8 @@ def markdown(report: Dict[str, Any]) -> str:
     ]
     for result in report["results"]:
         rows = dict(_grouped(result["stages"]))
-        whole = rows.pop("whole serving_default call")
-        empty = rows.pop("dispatch of an empty tf.function")
+        whole = rows.pop(WHOLE)
+        empty = rows.pop(EMPTY)
         k = report["settings"]["clusters"]
         net = {}
         for name, value in rows.items():
@@ -288,7 +284,7 @@ def measure(args: argparse.Namespace, work: str) -> List[Dict[str, Any]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the benchmark; returns the exit code."""
-    return run_benchmark("request_profile", parse_args(argv), measure, markdown)
+    return bench_serving.run_benchmark("request_profile", parse_args(argv), measure, markdown)
 
 
 if __name__ == "__main__":

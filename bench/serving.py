@@ -236,15 +236,16 @@ def index_plans(
 def build_module(
     data: Dict[str, np.ndarray],
     ids: Sequence[str],
-    index: str,
+    plans: List[Dict[str, Any]],
     vocab_dir: str,
     args: argparse.Namespace,
     per_cluster_k: bool = True,
     merge: str = "quota",
     prompt_weight: float = 1.0,
 ) -> Any:
-    """The ``RetrievalModule`` over ``data`` with ``index`` plans (vocabulary file written
-    to ``vocab_dir`` once); the arguments as in :func:`export_synthetic`."""
+    """The ``RetrievalModule`` over ``data`` with the index ``plans`` (:func:`index_plans`;
+    vocabulary file written to ``vocab_dir`` once); the arguments as in
+    :func:`export_synthetic`."""
     from preprocessing import features
     from serving.retrieval_module import RetrievalModule
 
@@ -258,7 +259,7 @@ def build_module(
         vocab_path,
         list(ids),
         data["item_cluster"],
-        index_plans(data, index, args),
+        plans,
         max_num_results=args.max_num_results,
         default_num_results=args.num_results,
         alpha=args.alpha,
@@ -288,9 +289,10 @@ def export_synthetic(
     import tensorflow as tf
 
     os.makedirs(os.path.dirname(output), exist_ok=True)
+    plans = index_plans(data, index, args)
     start = time.monotonic()
     module = build_module(
-        data, ids, index, os.path.dirname(os.path.dirname(output)), args,
+        data, ids, plans, os.path.dirname(os.path.dirname(output)), args,
         per_cluster_k=per_cluster_k, merge=merge, prompt_weight=prompt_weight,
     )  # fmt: skip
     build_seconds = time.monotonic() - start
@@ -318,7 +320,7 @@ def export_synthetic(
         "build_seconds": round(build_seconds, 2),
         "save_seconds": round(save_seconds, 2),
         "saved_model_mb": round(size / 2**20, 1),
-        "plans": index_plans(data, index, args),
+        "plans": plans,
     }
 
 
@@ -720,16 +722,14 @@ def targets(results: List[Dict[str, Any]]) -> List[str]:
 # ---------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Command line of the benchmark."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sizes", default="100000,1000000", help="comma-separated item counts")
-    p.add_argument("--indexes", default=",".join(INDEX_ORDER), help="brute-force,scann")
+def add_catalogue_args(p: argparse.ArgumentParser, latent_dim: int) -> None:
+    """The synthetic catalogue, export and request flags this benchmark and its siblings
+    (``bench/merge_latency.py``, ``bench/request_profile.py``) share."""
     p.add_argument("--clusters", type=int, default=10)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--noise", type=float, default=1.0, help="item noise std around a centre")
     p.add_argument(
-        "--latent-dim", type=int, default=0, help="noise subspace dimension (0: isotropic)"
+        "--latent-dim", type=int, default=latent_dim, help="noise subspace dimension (0: isotropic)"
     )
     p.add_argument("--num-results", type=int, default=50, help="M of serving_default")
     p.add_argument("--max-num-results", type=int, default=200, help="as dnc export")
@@ -740,13 +740,50 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--leaves-fraction", type=float, default=0.2, help="as dnc export")
     p.add_argument("--min-history", type=int, default=20)
     p.add_argument("--max-history-len", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_benchmark(
+    name: str,
+    args: argparse.Namespace,
+    measure_rows: Callable[[argparse.Namespace, str], List[Dict[str, Any]]],
+    to_markdown: Callable[[Dict[str, Any]], str],
+) -> int:
+    """Runs ``measure_rows(args, work_dir)`` on the synthetic catalogue and writes the report
+    (figures, machine, load averages, versions, settings) to ``args.out`` .json and .md."""
+    report: Dict[str, Any] = {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(),
+        "versions": versions(),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "model": "bench/serving.py's synthetic catalogue and stand-in towers",
+    }
+    work = tempfile.mkdtemp(prefix=f"dnc-{name}-")
+    started = time.monotonic()
+    try:
+        report["results"] = measure_rows(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["total_seconds"] = round(time.monotonic() - started, 1)
+    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    write(report, args.out, to_markdown)
+    print(f"wrote {args.out}.json and {args.out}.md")
+    return 0
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command line of the benchmark."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", default="100000,1000000", help="comma-separated item counts")
+    p.add_argument("--indexes", default=",".join(INDEX_ORDER), help="brute-force,scann")
+    add_catalogue_args(p, latent_dim=0)
     p.add_argument("--sequential", type=int, default=300, help="in-process / gRPC requests")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--per-client", type=int, default=150)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--phase-seconds", type=float, default=120.0, help="cap of every phase")
     p.add_argument("--start-timeout", type=float, default=600.0, help="server start limit")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--no-fixed-k-reference",
         dest="fixed_k_reference",

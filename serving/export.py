@@ -267,14 +267,6 @@ def build_module(
         weight = 1.0 if cfg.prompt_weight is None else cfg.prompt_weight
         merge, alpha = cfg.merge, float(cfg.alpha)
     plans = _plans(items, variant.merged, cfg)
-    if variant.merged and merge == "score" and weight > 0:
-        log.info(
-            "score merge at prompt weight %s: every request computes the exact in-cluster "
-            "log-partitions over all %d items (the cost of a brute-force search, whatever "
-            "the index); prompt weight 0 or --merge quota avoid it",
-            weight,
-            items.num_items,
-        )
     module = RetrievalModule(
         model,
         vocab_path,
@@ -290,6 +282,14 @@ def build_module(
         per_cluster_k=per_cluster_k,
         prompt_weight=weight,
     )
+    if module.cluster_tables:  # kept only where the score merge's offsets count
+        log.info(
+            "score merge at prompt weight %s: every request computes the exact in-cluster "
+            "log-partitions over all %d items (the cost of a brute-force search, whatever "
+            "the index); prompt weight 0 or --merge quota avoid it",
+            weight,
+            items.num_items,
+        )
     metadata = {
         "variant": variant.name,
         "merged": variant.merged,
