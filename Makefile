@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-merge bench-profile bench-load lock clean
+.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-serving-lowrank bench-merge bench-profile bench-load lock clean
 
 venv: $(STAMP)
 
@@ -79,7 +79,10 @@ bench-compare: venv
 	$(BIN)/python bench/summarize_compare.py --out bench/results/issue11-summary \
 		--report "Amazon Beauty=bench/results/compare-issue11-amazon-beauty.json" \
 		--report "Amazon Toys=bench/results/compare-issue11-amazon-toys.json" \
-		--report "LastFM=bench/results/compare-issue11-lastfm.json"
+		--report "LastFM=bench/results/compare-issue11-lastfm.json" \
+		--strongest "Amazon Beauty=sasrec d=100, 0.1225 / 0.1759 (this grid; before it 0.1177 / 0.1740)" \
+		--strongest "Amazon Toys=sasrec default, 0.1251 / 0.1727 (this grid; before it 0.1154 / 0.1668)" \
+		--strongest "LastFM=sasrec full softmax, 0.1101 / 0.1835 (this grid); at R@50 the sasrec default run 0.1009 / 0.1972 (runs-issue11-lastfm.md); before them 0.1000 / 0.1945"
 
 # Issue 12: mind and comirec-sa in their default regimes beside the earlier sasrec/dnc runs
 # (docs/multi-interest.md), and the four default regimes' throughput in one run.
@@ -120,6 +123,12 @@ bench-defaults: venv
 
 bench-serving: venv
 	$(BIN)/python bench/serving.py
+
+# Issue 14's targets on the low-rank set: 100K and 1M items, one request at a time, 8 and 32
+# concurrent clients (bench/results/serving-lowrank-clients.md).
+bench-serving-lowrank: venv
+	$(BIN)/python bench/serving.py --latent-dim 8 --concurrency 8,32 --no-fixed-k-reference \
+		--out bench/results/serving-lowrank-clients
 
 # What each merge (quota; score at prompt weights 1, 0.25, 0) costs a request at 1M items.
 bench-merge: venv

@@ -44,7 +44,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import dnc_env  # noqa: E402,F401  (tf-keras before tensorflow)
-from bench import loadgen, report_load  # noqa: E402
+from bench import (  # noqa: E402
+    loadgen,
+    report_load,
+    serving_catalogue,  # noqa: E402
+)
 from bench import serving as serving_bench  # noqa: E402
 from preprocessing.errors import EXIT_USAGE  # noqa: E402
 from serving.index_kinds import INDEX_KINDS  # noqa: E402
@@ -119,7 +123,7 @@ def histories_from_world(world: Any, limit: int, max_len: int) -> List[List[str]
 def synthetic_template(world: Any, work: str, args: argparse.Namespace) -> str:
     """A synthetic-embedding model over the world's items (``bench/serving.py``)."""
     ids = [str(x) for x in world.item_ids]
-    data = serving_bench.synthetic_items(len(ids), args.clusters, 64, 1.0, args.seed)
+    data = serving_catalogue.synthetic_items(len(ids), args.clusters, 64, 1.0, args.seed)
     options = SimpleNamespace(
         max_num_results=200,
         max_history=512,
@@ -131,7 +135,7 @@ def synthetic_template(world: Any, work: str, args: argparse.Namespace) -> str:
         alpha=1.0,
     )
     output = os.path.join(work, "synthetic", "model", "1")
-    serving_bench.export_synthetic(data, ids, args.index, output, options)
+    serving_catalogue.export_synthetic(data, ids, args.index, output, options)
     return output
 
 

@@ -13,7 +13,8 @@ them, so every stage sees the inputs of a real request:
 4. user tower: the K-row batch of prompted user vectors;
 5. intent head;
 6. each cluster's index search, asked for its own k (ScaNN or brute force);
-7. exclusion of history items from each cluster's candidates (sort, search, mask);
+7. exclusion of history items from all clusters' candidates in one pass (stack, search
+   the sorted exclusion set, mask, order);
 8. quota merge and the output gather;
 9. gRPC response: outputs to ``TensorProto``s, serialised and parsed by the client.
 
@@ -35,7 +36,7 @@ import functools
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 if ROOT not in sys.path:
@@ -45,6 +46,7 @@ import numpy as np  # noqa: E402
 
 import dnc_env  # noqa: E402,F401  (tf-keras before tensorflow)
 from bench import serving as bench_serving  # noqa: E402
+from bench import serving_catalogue  # noqa: E402
 from bench.merge_latency import add_catalogue_args  # noqa: E402
 
 INDEXES = ("scann", "brute-force")
@@ -74,6 +76,7 @@ class Stages:
     def __init__(self, module: Any) -> None:
         import tensorflow as tf
 
+        from serving.retrieval_module import stack_lists
         from trainer.config import PAD_ID
         from trainer.quotas import compute_quotas_tf, merge_per_cluster_tf
 
@@ -88,13 +91,10 @@ class Stages:
         self.tower = compiled(lambda tower: module._cluster_queries(tower, tf.shape(tower)[0]))
         self.intent = compiled(lambda tower: module.model.intent(tower, training=False))
         self.search = [
-            None if index is None else compiled(lambda q, k, index=index: index(q, k=k))
+            compiled(lambda q, k, index=index: module._search(index, q, k))
             for index in module.indexes
         ]
-        self.candidates = [
-            compiled(lambda q, seen, k, index=index: module._candidates(index, q, seen, k))
-            for index in module.indexes
-        ]
+        self.exclude = compiled(lambda found, seen: module._drop_blocked(*stack_lists(found), seen))
 
         def merge(scores, ids, p, m, alpha):
             capacity = tf.reduce_sum(tf.cast(ids != PAD_ID, tf.int32), axis=-1)
@@ -118,20 +118,18 @@ class Stages:
         users = timed("4 user tower (K-row batch)", lambda: self.tower(tower))
         p = timed("5 intent head", lambda: self.intent(tower))
         m = tf.constant(module.default_num_results, tf.int32)
-        per_cluster = []
+        found = []
         for c in range(self.k):
             k = module._request_k(module.index_sizes[c], counts[:, c], m)
-            if self.search[c] is not None:
+            found.append(
                 timed(
                     f"6 index search, cluster {c}", lambda c=c, k=k: self.search[c](users[:, c], k)
                 )
-            both = timed(
-                f"7 search + exclusion, cluster {c}",
-                lambda c=c, k=k: self.candidates[c](users[:, c], seen, k),
             )
-            per_cluster.append(both)
-        scores = tf.stack([s for s, _ in per_cluster], axis=1)
-        ids = tf.stack([i for _, i in per_cluster], axis=1)
+        scores, ids = timed(
+            "7 exclusion of history items (all clusters, one pass)",
+            lambda: self.exclude(found, seen),
+        )
         alpha = tf.constant(module.default_alpha, tf.float32)
         out = timed("8 quota merge + output gather", lambda: self.merge(scores, ids, p, m, alpha))
         timed("9 gRPC response: TensorProtos, encode, parse", lambda: _response(out))
@@ -165,14 +163,14 @@ def profile(args: argparse.Namespace, index: str, data: Dict[str, np.ndarray], w
     """Per-stage and whole-request latency (ms) of one index kind."""
     import tensorflow as tf
 
-    ids = bench_serving.item_ids(args.size)
-    histories = bench_serving.synthetic_histories(
+    ids = serving_catalogue.item_ids(args.size)
+    histories = serving_catalogue.synthetic_histories(
         data["item_cluster"], data["sizes"], args.requests, args.min_history,
         args.max_history_len, args.seed,
     )  # fmt: skip
     start = time.monotonic()
-    plans = bench_serving.index_plans(data, index, args)
-    module = bench_serving.build_module(data, ids, plans, work, args)
+    plans = serving_catalogue.index_plans(data, index, args)
+    module = serving_catalogue.build_module(data, ids, plans, work, args)
     build = time.monotonic() - start
     stages = Stages(module)
     samples: Dict[str, List[float]] = {}
@@ -209,16 +207,13 @@ def _summarize(samples: Dict[str, List[float]]) -> List[Dict[str, Any]]:
     ]
 
 
-def _grouped(stages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """(stage, p50 ms) rows with the per-cluster stages summed into one row each
-    (6: the searches; 7: the exclusion alone = search + exclusion - search)."""
+def _grouped(stages: List[Dict[str, Any]]) -> List[Tuple[str, float]]:
+    """(stage, p50 ms) rows with the per-cluster searches summed into one row."""
     p50 = {r["stage"]: r["p50_ms"] for r in stages}
     search = sum(v for n, v in p50.items() if n.startswith("6 "))
-    both = sum(v for n, v in p50.items() if n.startswith("7 "))
-    clusters = sum(1 for n in p50 if n.startswith("7 "))
-    rows = [(n, v) for n, v in p50.items() if n[:2] not in ("6 ", "7 ")]
+    clusters = sum(1 for n in p50 if n.startswith("6 "))
+    rows = [(n, v) for n, v in p50.items() if not n.startswith("6 ")]
     rows.append((f"6 index searches ({clusters} clusters)", search))
-    rows.append(("7 exclusion of history items (all clusters)", max(both - search, 0.0)))
     return sorted(rows)
 
 
@@ -230,8 +225,7 @@ def markdown(report: Dict[str, Any]) -> str:
         f"d={s['dim']} (latent {s['latent_dim']}), M={s['num_results']}, in-process",
         "",
         "Median ms per stage; *net* subtracts one empty `tf.function` dispatch from each "
-        "graph stage (2-6 and 8; the searches once per cluster; 7 is a difference of two "
-        "timed stages), which the whole graph pays once.",
+        "graph stage (2-8; the searches once per cluster), which the whole graph pays once.",
         "",
     ]
     for result in report["results"]:
@@ -241,9 +235,8 @@ def markdown(report: Dict[str, Any]) -> str:
         k = report["settings"]["clusters"]
         net = {}
         for name, value in rows.items():
-            # 1, 9: Python; 6: one dispatch per cluster; 7: a difference of two timed
-            # stages with one dispatch each (none left).
-            calls = 0 if name[0] in "179" else (k if name[0] == "6" else 1)
+            # 1, 9: Python; 6: one dispatch per cluster; the others: one dispatch.
+            calls = 0 if name[0] in "19" else (k if name[0] == "6" else 1)
             net[name] = max(value - calls * empty, 0.0)
         total = sum(net.values())
         lines += [
@@ -272,7 +265,7 @@ def markdown(report: Dict[str, Any]) -> str:
 
 def measure(args: argparse.Namespace, work: str) -> List[Dict[str, Any]]:
     """One profile per index kind, over the same catalogue."""
-    data = bench_serving.synthetic_items(
+    data = serving_catalogue.synthetic_items(
         args.size, args.clusters, args.dim, args.noise, args.seed, args.latent_dim
     )
     results = []

@@ -48,7 +48,6 @@ import tempfile
 import threading
 import time
 from importlib import metadata
-from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
@@ -58,6 +57,14 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 import dnc_env  # noqa: E402,F401  (tf-keras before tensorflow)
+from bench.serving_catalogue import (  # noqa: E402
+    add_catalogue_args,
+    export_synthetic,
+    item_ids,
+    synthetic_histories,
+    synthetic_items,
+)
+from bench.serving_report import markdown, targets  # noqa: E402
 
 INDEX_ORDER = ("brute-force", "scann")
 PACKAGES = (
@@ -75,253 +82,6 @@ DEFAULT_BATCHING = (
     "max_batch_size { value: 32 } batch_timeout_micros { value: 0 } "
     f"max_enqueued_batches {{ value: 100 }} num_batch_threads {{ value: {os.cpu_count() or 1} }}\n"
 )
-
-
-# ---------------------------------------------------------------------------- data
-
-
-def cluster_sizes(num_items: int, num_clusters: int, exponent: float = 0.8) -> np.ndarray:
-    """Uneven cluster sizes summing to ``num_items`` (share of c ~ 1 / (c + 1)^exponent)."""
-    share = 1.0 / np.arange(1, num_clusters + 1) ** exponent
-    sizes = np.floor(share / share.sum() * num_items).astype(np.int64)
-    sizes[0] += num_items - int(sizes.sum())
-    return sizes
-
-
-def synthetic_items(
-    num_items: int, num_clusters: int, dim: int, noise: float, seed: int, latent_dim: int = 0
-) -> Dict[str, np.ndarray]:
-    """Clustered item embeddings.
-
-    The noise around a centre is isotropic (``latent_dim`` 0) or mostly in a random
-    ``latent_dim``-dimensional subspace plus 10% isotropic noise (a decaying spectrum,
-    closer to learned embeddings; ANN recall depends strongly on it).
-
-    Returns:
-        ``embeddings`` [N + 1, d] float32 (row 0 = padding, zeros), ``item_cluster``
-        [N + 1] int32 (index 0 = pad, cluster 0), ``centroids`` [K, d] float32 and
-        ``sizes`` [K].
-    """
-    rng = np.random.default_rng(seed)
-    centroids = rng.normal(0.0, 1.0, (num_clusters, dim)).astype(np.float32)
-    sizes = cluster_sizes(num_items, num_clusters)
-    cluster = np.repeat(np.arange(num_clusters, dtype=np.int32), sizes)
-    rng.shuffle(cluster)
-    basis = None
-    if latent_dim > 0:
-        basis = rng.normal(0.0, 1.0, (latent_dim, dim)) / np.sqrt(latent_dim)
-    embeddings = np.zeros((num_items + 1, dim), np.float32)
-    chunk = 200_000
-    for start in range(0, num_items, chunk):
-        stop = min(start + chunk, num_items)
-        if basis is None:
-            noise_part = rng.normal(0.0, noise, (stop - start, dim)).astype(np.float32)
-        else:
-            latent = rng.normal(0.0, noise, (stop - start, latent_dim)) @ basis
-            extra = rng.normal(0.0, 0.1 * noise, (stop - start, dim))
-            noise_part = (latent + extra).astype(np.float32)
-        embeddings[1 + start : 1 + stop] = centroids[cluster[start:stop]] + noise_part
-    item_cluster = np.concatenate([[0], cluster]).astype(np.int32)
-    return {
-        "embeddings": embeddings,
-        "item_cluster": item_cluster,
-        "centroids": centroids,
-        "sizes": sizes,
-    }
-
-
-def item_ids(num_items: int) -> List[str]:
-    """Raw item ids of item_index 0..N-1."""
-    return [f"item{i}" for i in range(num_items)]
-
-
-def synthetic_histories(
-    item_cluster: np.ndarray,
-    sizes: np.ndarray,
-    count: int,
-    min_len: int,
-    max_len: int,
-    seed: int,
-) -> List[np.ndarray]:
-    """``count`` request histories ([1, n] raw-id object arrays) from 1-3 clusters each."""
-    rng = np.random.default_rng(seed + 1)
-    members = [np.flatnonzero(item_cluster[1:] == c) for c in range(len(sizes))]
-    weights = sizes / sizes.sum()
-    histories = []
-    for _ in range(count):
-        chosen = rng.choice(len(sizes), size=int(rng.integers(1, 4)), replace=False, p=weights)
-        length = int(rng.integers(min_len, max_len + 1))
-        picks = [members[int(rng.choice(chosen))] for _ in range(length)]
-        rows = np.array([int(m[rng.integers(len(m))]) for m in picks])
-        ids = np.array([f"item{r}".encode() for r in rows], dtype=object).reshape(1, -1)
-        histories.append(ids)
-    return histories
-
-
-# ---------------------------------------------------------------------------- model
-
-
-def make_towers(data: Dict[str, np.ndarray], max_len: int, seed: int) -> Any:
-    """A ``SyntheticTowers`` instance (built lazily so that import stays TF-free)."""
-    import tensorflow as tf
-
-    from trainer.config import PAD_ID
-
-    class SyntheticTowers(tf.Module):
-        """Stand-in for ``trainer.model.RetrievalModel`` with the interface that
-        ``RetrievalModule`` uses (``candidate_embeddings``, ``user_embedding``, ``intent``).
-
-        ``e_uk = (mean history embedding * prompt_k) @ W + 0.5 centre_k`` (task K = no
-        cluster: no pull); ``p(k | u) = softmax(mean . centre_k / sqrt(d))``.
-        """
-
-        def __init__(self) -> None:
-            super().__init__(name="synthetic_towers")
-            rng = np.random.default_rng(seed + 2)
-            embeddings = data["embeddings"]
-            centroids = data["centroids"]
-            k, d = centroids.shape
-            self.variant = SimpleNamespace(merged=True, multi_interest=False, name="synthetic-dnc")
-            self.num_clusters = int(k)
-            self.num_items = int(embeddings.shape[0] - 1)
-            self.model_config = SimpleNamespace(max_len=int(max_len))
-            self.item_embeddings = tf.Variable(embeddings, trainable=False, name="items")
-            prompts = rng.normal(1.0, 0.1, (k + 1, d)).astype(np.float32)
-            self.prompts = tf.Variable(prompts, trainable=False, name="prompts")
-            pull = np.concatenate([0.5 * centroids, np.zeros((1, d), np.float32)])
-            self.pull = tf.Variable(pull, trainable=False, name="pull")
-            self.centroids = tf.Variable(centroids, trainable=False, name="centroids")
-            w = np.eye(d, dtype=np.float32) + rng.normal(0, 0.05, (d, d)).astype(np.float32)
-            self.w = tf.Variable(w, trainable=False, name="w")
-            self.scale = float(1.0 / np.sqrt(d))
-
-        def candidate_embeddings(self, ids: tf.Tensor) -> tf.Tensor:
-            """Item embeddings of model ids."""
-            return tf.gather(self.item_embeddings, ids)
-
-        def _pool(self, history: tf.Tensor) -> tf.Tensor:
-            history = tf.cast(history, tf.int32)
-            mask = tf.cast(tf.not_equal(history, PAD_ID), tf.float32)[..., None]
-            total = tf.reduce_sum(tf.gather(self.item_embeddings, history) * mask, axis=1)
-            return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
-
-        def user_embedding(self, history: tf.Tensor, task: tf.Tensor, training=False):
-            """[B, max_len] history, [B] task -> [B, d]."""
-            del training
-            pooled = self._pool(history) * tf.gather(self.prompts, task)
-            return tf.matmul(pooled, self.w) + tf.gather(self.pull, task)
-
-        def intent(self, history: tf.Tensor, training=False) -> tf.Tensor:
-            """[B, max_len] history -> [B, K] intent probabilities."""
-            del training
-            logits = tf.matmul(self._pool(history), self.centroids, transpose_b=True)
-            return tf.nn.softmax(logits * self.scale, axis=-1)
-
-    return SyntheticTowers()
-
-
-def index_plans(
-    data: Dict[str, np.ndarray], index: str, args: argparse.Namespace
-) -> List[Dict[str, Any]]:
-    """The plan ``dnc export`` would choose for each cluster's index."""
-    from serving.retrieval_module import index_plan
-
-    k = args.max_num_results + args.max_history
-    return [
-        index_plan(int(s), k, index, args.scann_min_size, args.leaves_fraction)
-        for s in data["sizes"]
-    ]
-
-
-def build_module(
-    data: Dict[str, np.ndarray],
-    ids: Sequence[str],
-    plans: List[Dict[str, Any]],
-    vocab_dir: str,
-    args: argparse.Namespace,
-    per_cluster_k: bool = True,
-    merge: str = "quota",
-    prompt_weight: float = 1.0,
-) -> Any:
-    """The ``RetrievalModule`` over ``data`` with the index ``plans`` (:func:`index_plans`;
-    vocabulary file written to ``vocab_dir`` once); the arguments as in
-    :func:`export_synthetic`."""
-    from preprocessing import features
-    from serving.retrieval_module import RetrievalModule
-
-    vocab_path = os.path.join(vocab_dir, "vocab.txt")
-    if not os.path.exists(vocab_path):
-        with open(vocab_path, "w", encoding="utf-8") as f:
-            for raw, c in zip(ids, data["item_cluster"][1:], strict=True):
-                f.write(f"{raw}{features.VOCAB_DELIMITER}{int(c)}\n")
-    return RetrievalModule(
-        make_towers(data, args.max_len, args.seed),
-        vocab_path,
-        list(ids),
-        data["item_cluster"],
-        plans,
-        max_num_results=args.max_num_results,
-        default_num_results=args.num_results,
-        alpha=args.alpha,
-        max_history=args.max_history,
-        per_cluster_k=per_cluster_k,
-        merge=merge,
-        prompt_weight=prompt_weight,
-    )
-
-
-def export_synthetic(
-    data: Dict[str, np.ndarray],
-    ids: Sequence[str],
-    index: str,
-    output: str,
-    args: argparse.Namespace,
-    per_cluster_k: bool = True,
-    merge: str = "quota",
-    prompt_weight: float = 1.0,
-) -> Dict[str, Any]:
-    """Builds the ``RetrievalModule`` over ``data`` and saves it to ``output``
-    (``per_cluster_k=False``: the fixed-k reference path; ``merge`` and ``prompt_weight``
-    as ``dnc export``'s).
-
-    Returns build / save seconds, the plans and the SavedModel size.
-    """
-    import tensorflow as tf
-
-    os.makedirs(os.path.dirname(output), exist_ok=True)
-    plans = index_plans(data, index, args)
-    start = time.monotonic()
-    module = build_module(
-        data, ids, plans, os.path.dirname(os.path.dirname(output)), args,
-        per_cluster_k=per_cluster_k, merge=merge, prompt_weight=prompt_weight,
-    )  # fmt: skip
-    build_seconds = time.monotonic() - start
-    start = time.monotonic()
-    tf.saved_model.save(
-        module,
-        output,
-        signatures=module.signatures(),
-        options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]),
-    )
-    save_seconds = time.monotonic() - start
-    # What dnc export records and the server reads (max_num_results; a version with this
-    # file follows the export contract, so batched histories may be padded).
-    from serving.model_config import METADATA_DIR, METADATA_FILE
-
-    os.makedirs(os.path.join(output, METADATA_DIR), exist_ok=True)
-    with open(os.path.join(output, METADATA_DIR, METADATA_FILE), "w", encoding="utf-8") as f:
-        json.dump({"max_num_results": args.max_num_results, "synthetic": True}, f)
-    del module
-    gc.collect()
-    size = sum(
-        os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(output) for f in files
-    )
-    return {
-        "build_seconds": round(build_seconds, 2),
-        "save_seconds": round(save_seconds, 2),
-        "saved_model_mb": round(size / 2**20, 1),
-        "plans": plans,
-    }
 
 
 # ---------------------------------------------------------------------------- timing
@@ -585,164 +345,6 @@ def versions() -> Dict[str, str]:
     return out
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.2f}" if value < 100 else f"{value:.0f}"
-    return str(value)
-
-
-def markdown(report: Dict[str, Any]) -> str:
-    """The Markdown table of a report."""
-    s = report["settings"]
-    latent = s.get("latent_dim") or 0
-    noise = f"in a {latent}-d subspace + 10% isotropic" if latent else "isotropic"
-    lines = [
-        "# Serving benchmark",
-        "",
-        f"Date {report['date']}; {report['machine']['cpus']} CPUs "
-        f"({report['machine']['cpu_model']}), load average at start "
-        f"{report['machine']['load_average_start']}, "
-        f"end {report['machine'].get('load_average_end')}."
-        " The machine was shared with another job: absolute figures are pessimistic.",
-        "",
-        f"Synthetic model: K={s['clusters']} clusters, d={s['dim']}, uneven cluster sizes, "
-        f"item noise std {s['noise']} ({noise}); "
-        f"`serving_default` (M={s['num_results']}), each index is asked for M plus the "
-        f"history items in its cluster (per-cluster k; the fixed-k reference path asks "
-        f"every index for max_num_results + max_history = "
-        f"{s['max_num_results'] + s['max_history']}); histories of "
-        f"{s['min_history']}-{s['max_history_len']} items.",
-        f"In-process / sequential gRPC: {s['sequential']} requests; concurrent: "
-        f"{s['concurrency']} clients x {s['per_client']} requests (each phase capped at "
-        f"{s['phase_seconds']} s). gRPC server: `serving.server.Server` in a child process.",
-        "",
-        "| items | index | build s | in-proc p50 | in-proc p99 | gRPC p50 | gRPC p99 | gRPC QPS "
-        f"| {s['concurrency']}-client p50 | {s['concurrency']}-client p99 "
-        f"| {s['concurrency']}-client QPS | recall@{s['num_results']} vs BF |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    fixed = [r for r in report["results"] if "in_process_fixed_k" in r]
-    for r in report["results"]:
-        ip, sq, cc = r.get("in_process", {}), r.get("sequential", {}), r.get("concurrent", {})
-        lines.append(
-            f"| {r['items']:,} | {r['index']} | {_fmt(r.get('build_seconds'))} "
-            f"| {_fmt(ip.get('p50_ms'))} | {_fmt(ip.get('p99_ms'))} "
-            f"| {_fmt(sq.get('p50_ms'))} | {_fmt(sq.get('p99_ms'))} | {_fmt(sq.get('qps'))} "
-            f"| {_fmt(cc.get('p50_ms'))} | {_fmt(cc.get('p99_ms'))} | {_fmt(cc.get('qps'))} "
-            f"| {_fmt(r.get('recall_vs_brute_force'))} |"
-        )
-    if fixed:
-        lines += [
-            "",
-            "Per-cluster k against the fixed-k path, in-process, requests interleaved (the "
-            "fixed-k ScaNN module is a second build, and ScaNN trains its partitions at "
-            "random, so its lists may differ a little; the exact equality of the two paths "
-            "is tested on one build in tests/integration/test_per_cluster_k.py):",
-            "",
-            "| items | index | fixed-k p50 | fixed-k p99 | per-cluster p50 | per-cluster p99 "
-            "| speed-up p50 | overlap with fixed-k lists |",
-            "|---:|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for r in fixed:
-            a, b = r["in_process_fixed_k"], r["in_process"]
-            lines.append(
-                f"| {r['items']:,} | {r['index']} | {_fmt(a.get('p50_ms'))} "
-                f"| {_fmt(a.get('p99_ms'))} | {_fmt(b.get('p50_ms'))} | {_fmt(b.get('p99_ms'))} "
-                f"| {_fmt(r['per_cluster_k_speedup_p50'])} | {_fmt(r['overlap_with_fixed_k'])} |"
-            )
-    batched = [r for r in report["results"] if "concurrent_batched" in r]
-    if batched:
-        b = s.get("batching_parameters", {})
-        lines += [
-            "",
-            f"Request batching (`--enable_batching`: max_batch_size {b.get('max_batch_size')}, "
-            f"batch_timeout_micros {b.get('batch_timeout_micros')}, num_batch_threads "
-            f"{b.get('num_batch_threads')}), {s['concurrency']} concurrent clients, a fresh "
-            "server each:",
-            "",
-            "| items | index | off p50 | off p99 | off QPS | on p50 | on p99 | on QPS "
-            "| QPS on / off | requests per graph call |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in batched:
-            off, on = r.get("concurrent", {}), r["concurrent_batched"]
-            ratio = on["qps"] / off["qps"] if on.get("qps") and off.get("qps") else None
-            lines.append(
-                f"| {r['items']:,} | {r['index']} | {_fmt(off.get('p50_ms'))} "
-                f"| {_fmt(off.get('p99_ms'))} | {_fmt(off.get('qps'))} "
-                f"| {_fmt(on.get('p50_ms'))} | {_fmt(on.get('p99_ms'))} | {_fmt(on.get('qps'))} "
-                f"| {_fmt(round(ratio, 2) if ratio else None)} "
-                f"| {_fmt((on.get('batching') or {}).get('requests_per_batch'))} |"
-            )
-    lines += [
-        "",
-        "Latencies in ms (client side for gRPC, including proto conversion). Recall: share "
-        "of the brute-force `serving_default` list that ScaNN returns for the same requests "
-        "(ScaNN plans of `index_plan` with `--leaves-fraction`; raise it to trade latency "
-        "for recall). Isotropic noise in d dimensions is a hard case for partition-based ANN; "
-        "`--latent-dim` concentrates it in a subspace, closer to learned embeddings.",
-        "",
-    ]
-    for target in report.get("targets", []):
-        lines.append(f"* {target}")
-    for note in report.get("notes", []):
-        lines.append(f"* {note}")
-    return "\n".join(lines) + "\n"
-
-
-def targets(results: List[Dict[str, Any]]) -> List[str]:
-    """The issue's targets (p99 < 10 ms with ScaNN at 1M items, >= 5x faster than BF)."""
-    by = {(r["items"], r["index"]): r for r in results}
-    out = []
-    largest = max((r["items"] for r in results), default=0)
-    size = 1_000_000 if (1_000_000, "scann") in by else largest
-    scann, brute = by.get((size, "scann")), by.get((size, "brute-force"))
-    if size != 1_000_000:
-        out.append("1M items not measured: the 1M targets are not verified.")
-    for phase in ("in_process", "sequential"):
-        p99 = (scann or {}).get(phase, {}).get("p99_ms")
-        if p99 is not None:
-            verdict = "reached" if p99 < 10 else "NOT reached"
-            out.append(f"Target p99 < 10 ms (ScaNN, {size:,} items, {phase}): {p99} ms, {verdict}.")
-    if scann and brute:
-        for phase in ("in_process", "sequential", "concurrent"):
-            a, b = scann.get(phase, {}).get("p50_ms"), brute.get(phase, {}).get("p50_ms")
-            if a and b:
-                ratio = b / a
-                verdict = "reached" if ratio >= 5 else "NOT reached"
-                out.append(
-                    f"Target ScaNN >= 5x faster than brute force ({size:,} items, {phase}, "
-                    f"p50): {ratio:.1f}x, {verdict}."
-                )
-    return out
-
-
-# ---------------------------------------------------------------------------- main
-
-
-def add_catalogue_args(p: argparse.ArgumentParser, latent_dim: int) -> None:
-    """The synthetic catalogue, export and request flags this benchmark and its siblings
-    (``bench/merge_latency.py``, ``bench/request_profile.py``) share."""
-    p.add_argument("--clusters", type=int, default=10)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--noise", type=float, default=1.0, help="item noise std around a centre")
-    p.add_argument(
-        "--latent-dim", type=int, default=latent_dim, help="noise subspace dimension (0: isotropic)"
-    )
-    p.add_argument("--num-results", type=int, default=50, help="M of serving_default")
-    p.add_argument("--max-num-results", type=int, default=200, help="as dnc export")
-    p.add_argument("--max-history", type=int, default=512, help="as dnc export")
-    p.add_argument("--max-len", type=int, default=50, help="tower history length")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--scann-min-size", type=int, default=1024)
-    p.add_argument("--leaves-fraction", type=float, default=0.2, help="as dnc export")
-    p.add_argument("--min-history", type=int, default=20)
-    p.add_argument("--max-history-len", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-
-
 def run_benchmark(
     name: str,
     args: argparse.Namespace,
@@ -779,7 +381,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--indexes", default=",".join(INDEX_ORDER), help="brute-force,scann")
     add_catalogue_args(p, latent_dim=0)
     p.add_argument("--sequential", type=int, default=300, help="in-process / gRPC requests")
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument(
+        "--concurrency",
+        default="8,32",
+        help="comma-separated client counts of the concurrent phases (the first one is the "
+        "main table's and the batching comparison's)",
+    )
     p.add_argument("--per-client", type=int, default=150)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--phase-seconds", type=float, default=120.0, help="cap of every phase")
@@ -806,6 +413,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.size_list = [int(x) for x in args.sizes.split(",") if x.strip()]
     args.index_list = [x.strip() for x in args.indexes.split(",") if x.strip()]
+    try:
+        args.client_counts = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
+    if not args.client_counts or min(args.client_counts) < 1:
+        p.error(f"--concurrency needs client counts >= 1, got {args.concurrency!r}")
+    args.concurrency = args.client_counts[0]
     for kind in args.index_list:
         if kind not in INDEX_ORDER:
             p.error(f"unknown index {kind!r}")
@@ -874,10 +488,14 @@ def benchmark_size(size: int, args: argparse.Namespace, work: str, report: Dict[
                 target, name, histories, args.sequential, args.warmup, args.phase_seconds
             )
             print(f"[{size:,} items] {kind}: gRPC {row['sequential']}", flush=True)
-            row["concurrent"] = run_concurrent(
-                target, name, histories, args.concurrency, args.per_client, args.phase_seconds
-            )
-            print(f"[{size:,} items] {kind}: concurrent {row['concurrent']}", flush=True)
+            row["concurrent_by_clients"] = {}
+            for clients in args.client_counts:
+                stats = run_concurrent(
+                    target, name, histories, clients, args.per_client, args.phase_seconds
+                )
+                row["concurrent_by_clients"][str(clients)] = stats
+                print(f"[{size:,} items] {kind}: {clients} clients {stats}", flush=True)
+            row["concurrent"] = row["concurrent_by_clients"][str(args.concurrency)]
         finally:
             server.close()
         if args.enable_batching:

@@ -2,7 +2,9 @@
 
 For each data set: the setting of each variant selected on validation (the compare report's
 ``selected``), its test Recall@M, oracle-cluster (within-cluster) recall and intent top-1,
-the relative gap of every variant to the selected ``sasrec``, and the strongest baseline
+the relative gap of every variant to the selected ``sasrec`` with its size in standard
+errors (each user's held-out item is a hit or not, so a recall over n users has the
+binomial standard error sqrt(r (1 - r) / n)), and the strongest baseline
 ever measured on that data (given per data set, since older figures live in other reports).
 Writes ``OUT.json`` and ``OUT.md``.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any, Dict, List
@@ -31,6 +34,16 @@ def _selected(report: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 def _label(run: Dict[str, Any]) -> str:
     return run["name"].split(",", 1)[1] if run["setting"] else "default regime"
+
+
+def gap_in_standard_errors(r: float, base: float, users: int) -> float:
+    """(r - base) over the standard error of the difference of two recalls measured on
+    ``users`` users each, unpaired (the variants share the users, so this overstates the
+    noise of the difference somewhat)."""
+    if users <= 0:
+        raise ValueError(f"users must be > 0, got {users}")
+    se = math.sqrt((r * (1 - r) + base * (1 - base)) / users)
+    return (r - base) / se if se > 0 else 0.0
 
 
 def summarize(reports: Dict[str, Dict[str, Any]], strongest: Dict[str, str]) -> Dict[str, Any]:
@@ -59,8 +72,23 @@ def summarize(reports: Dict[str, Dict[str, Any]], strongest: Dict[str, str]) -> 
                     str(m): round(100 * (r[f"recall@{m}"] / base["result"][f"recall@{m}"] - 1), 1)
                     for m in ms
                 }
+                row["vs_sasrec_standard_errors"] = {
+                    str(m): round(
+                        gap_in_standard_errors(
+                            r[f"recall@{m}"], base["result"][f"recall@{m}"], int(r["users"])
+                        ),
+                        1,
+                    )
+                    for m in ms
+                }
+                row["test_users"] = int(r["users"])
             rows.append(row)
     return {"rows": rows, "strongest_baseline": strongest}
+
+
+def z_scores(row: Dict[str, Any], ms) -> List[float]:
+    """The row's gaps to sasrec in standard errors, one per M."""
+    return [row["vs_sasrec_standard_errors"][str(m)] for m in ms]
 
 
 def _fmt(values: Any, ms) -> str:
@@ -71,7 +99,7 @@ def _fmt(values: Any, ms) -> str:
 
 def markdown(summary: Dict[str, Any]) -> str:
     head = ["data", "variant", "winning setting", "val", "test", "oracle-cluster", "intent top-1"]
-    head += ["vs sasrec", "grid points"]
+    head += ["vs sasrec", "gap in SE", "grid points"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in summary["rows"]:
         ms = row["m"]
@@ -85,10 +113,16 @@ def markdown(summary: Dict[str, Any]) -> str:
             _fmt(row["oracle_cluster"], ms),
             "-" if row["intent_top1"] is None else f"{row['intent_top1']:.3f}",
             "-" if gap is None else " / ".join(f"{gap[str(m)]:+.1f}%" for m in ms),
+            "-" if gap is None else " / ".join(f"{z:+.1f}" for z in z_scores(row, ms)),
             str(row["grid_points"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Recall pairs are R@20 / R@50 (R@50 / R@100 on the synthetic set)."]
+    lines += [
+        "*gap in SE*: the test gap to `sasrec` in standard errors of the difference "
+        "(binomial, one held-out item per test user, unpaired: an upper bound of the noise); "
+        "|gap| < 2 is within the noise of one test split.",
+    ]
     lines += ["", "Strongest baseline ever measured on each data set:"]
     for data, text in summary["strongest_baseline"].items():
         lines.append(f"- {data}: {text}")

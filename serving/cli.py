@@ -50,6 +50,15 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="share of ScaNN tree leaves searched",
     )
+    p.add_argument(
+        "--no-global-index",
+        dest="global_index",
+        action="store_const",
+        const=False,
+        default=None,
+        help="at prompt weight 0, search the per-cluster indexes instead of one index over "
+        "all items (saves the second copy of the index)",
+    )
     p.set_defaults(handler=run_export)
 
 
@@ -78,7 +87,7 @@ def run_export(args: argparse.Namespace, extra: List[str]) -> int:
     fileio.check_output_dir(args.output)  # OutputError before any work
     from serving.export import export_model
 
-    options = ("max_exclude", "scann_min_size", "leaves_fraction")
+    options = ("max_exclude", "scann_min_size", "leaves_fraction", "global_index")
     index_options = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
     try:
         with fileio.output_errors(args.output):

@@ -93,6 +93,10 @@ class ExportConfig:
             returns that many more candidates, for the same reason.
         scann_min_size: clusters smaller than this are searched exactly.
         leaves_fraction: share of the ScaNN tree leaves searched.
+        global_index: when the score merge runs at prompt weight 0 (every cluster searched
+            with the unprompted user vector, ranked by that score alone), also build one
+            index over all items so that unrestricted requests need one search instead
+            of one per cluster (``RetrievalModule``); costs a second copy of the index.
     """
 
     model_dir: str
@@ -108,6 +112,7 @@ class ExportConfig:
     max_exclude: int = DEFAULT_MAX_EXCLUDE
     scann_min_size: int = 1024
     leaves_fraction: float = 0.2
+    global_index: bool = True
 
     def __post_init__(self) -> None:
         if self.index not in INDEX_KINDS:
@@ -267,6 +272,9 @@ def build_module(
         weight = 1.0 if cfg.prompt_weight is None else cfg.prompt_weight
         merge, alpha = cfg.merge, float(cfg.alpha)
     plans = _plans(items, variant.merged, cfg)
+    global_plan = None
+    if cfg.global_index and variant.merged and merge == "score" and weight == 0.0:
+        global_plan = _plans(items, False, cfg)[0]
     module = RetrievalModule(
         model,
         vocab_path,
@@ -281,7 +289,15 @@ def build_module(
         max_exclude=cfg.max_exclude,
         per_cluster_k=per_cluster_k,
         prompt_weight=weight,
+        global_plan=global_plan,
     )
+    if global_plan is not None:
+        log.info(
+            "score merge at prompt weight 0: unrestricted requests search one %s index over "
+            "all %d items (requests restricted to clusters use the per-cluster indexes)",
+            global_plan["kind"],
+            items.num_items,
+        )
     if module.cluster_tables:  # kept only where the score merge's offsets count
         log.info(
             "score merge at prompt weight %s: every request computes the exact in-cluster "
@@ -300,7 +316,12 @@ def build_module(
         .tolist(),
         "embedding_dim": train_config.model.embedding_dim,
         "max_len": max_len,
-        "index": {"kind": cfg.index, "scann_min_size": cfg.scann_min_size, "plans": plans},
+        "index": {
+            "kind": cfg.index,
+            "scann_min_size": cfg.scann_min_size,
+            "plans": plans,
+            "global_plan": global_plan,
+        },
         "alpha": alpha_to_json(alpha),
         "alpha_selected_on_validation": variant.merged and cfg.alpha is None,
         "merge": merge,

@@ -10,13 +10,19 @@
   (``trainer.interest_merge.interest_merge_tf``, each item at its best interest's score),
   which is what ``trainer.evaluation`` measures,
 * one top-k index per cluster (``tfrs`` ``ScaNN`` or ``BruteForce``) whose identifiers
-  are the raw item-id strings, or a single index over all items for plain variants,
+  are the model item ids (int32, so a search needs no vocabulary lookup), or a single
+  index over all items for plain variants,
 * the merge: ``quota`` (``trainer.quotas.compute_quotas_tf`` + ``merge_per_cluster_tf``)
   or ``score`` (``trainer.score_merge.score_merge_tf``: the top-M of the union of the
   per-cluster lists by ``alpha * log p_k + s - log Z_k``; the in-cluster log-partition
   ``log Z_k`` is exact, from one matmul per cluster against that cluster's item
   embeddings, kept in the module for this purpose, with the history items left out; at
   prompt weight 0 the offsets are unused and neither the tables nor the matmul are kept).
+  At prompt weight 0 every cluster is searched with the same unprompted user vector and
+  ranked by that score alone, so the merged list is the catalogue's top-M: an optional
+  ``global_plan`` adds one index over all items that answers unrestricted requests with
+  one search instead of K (equal lists for exact indexes, tested); requests restricted to
+  ``clusters`` still use the per-cluster indexes.
 
 History handling of one request (``history`` [B, n] raw ids, oldest first):
 
@@ -126,9 +132,13 @@ def index_plan(
 def build_index(
     plan: Dict[str, object], embeddings: np.ndarray, identifiers: np.ndarray, name: str
 ) -> tf.keras.layers.Layer:
-    """A tfrs top-k layer over ``embeddings`` [n, d] returning ``identifiers`` (strings)."""
+    """A tfrs top-k layer over ``embeddings`` [n, d] returning ``identifiers`` [n] (the
+    serving graph passes int32 model ids; strings work too)."""
     k = int(plan["k"])
-    ids = tf.constant(np.asarray(identifiers, dtype=object).astype(bytes), tf.string)
+    identifiers = np.asarray(identifiers)
+    if identifiers.dtype.kind in "OSU":
+        identifiers = identifiers.astype(object).astype(bytes)
+    ids = tf.constant(identifiers)
     if plan["kind"] == "scann":
         index = tfrs.layers.factorized_top_k.ScaNN(
             k=k,
@@ -196,6 +206,18 @@ def right_align(ids: tf.Tensor, width: int) -> tf.Tensor:
     return tf.scatter_nd(indices, tf.gather_nd(ids, where), shape)
 
 
+def stack_lists(found: Sequence[Tuple[tf.Tensor, tf.Tensor]]) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Per-index (scores, ids) [B, k_c] -> [B, L, max k_c], padded with -inf / PAD_ID."""
+    longest = tf.reduce_max(tf.stack([tf.shape(ids)[1] for _, ids in found]))
+
+    def padded(t: tf.Tensor, value) -> tf.Tensor:
+        return tf.pad(t, [[0, 0], [0, longest - tf.shape(t)[1]]], constant_values=value)
+
+    scores = tf.stack([padded(s, -np.inf) for s, _ in found], axis=1)
+    ids = tf.stack([padded(i, PAD_ID) for _, i in found], axis=1)
+    return scores, ids
+
+
 class RetrievalModule(tf.Module):
     """Serving graph of one trained model (see the module docstring).
 
@@ -234,6 +256,7 @@ class RetrievalModule(tf.Module):
         max_exclude: int = 0,
         per_cluster_k: bool = True,
         prompt_weight: float = 1.0,
+        global_plan: Optional[Dict[str, object]] = None,
     ) -> None:
         super().__init__(name="dnc_retrieval")
         self.prompt_weight = check_prompt_weight(prompt_weight, merge)
@@ -270,7 +293,21 @@ class RetrievalModule(tf.Module):
             if rows.size == 0:
                 self.indexes.append(None)
                 continue
-            self.indexes.append(build_index(plan, embeddings[rows], ids[rows], f"index_{c}"))
+            model_ids = rows.astype(np.int32)
+            self.indexes.append(build_index(plan, embeddings[rows], model_ids, f"index_{c}"))
+        self.num_items = len(cluster) - 1
+        self.global_index = None
+        if global_plan is not None:
+            if not (self.merged and merge == "score" and self.prompt_weight == 0.0):
+                raise ValueError(
+                    "a global index serves only a divide-and-conquer model under the score "
+                    f"merge at prompt weight 0, not merge={merge!r}, prompt weight "
+                    f"{self.prompt_weight}, merged={self.merged}"
+                )
+            everything = np.arange(1, len(cluster), dtype=np.int32)
+            self.global_index = build_index(
+                global_plan, embeddings[everything], everything, "index_all"
+            )
         self.k_max = max(int(p["k"]) for p in plans)
         self.index_sizes = [int(rows.size) for rows in groups]
         # Static width of the per-cluster lists the merge reads: no cluster contributes
@@ -314,14 +351,16 @@ class RetrievalModule(tf.Module):
         """(scores, ids) [B, width] of the global index: one query row [B, d], or the union
         of the interests' lists by score for multi-interest queries [B, I, d]."""
         if query.shape.rank == 2:
-            return self._candidates(self.indexes[0], query, blocked, k, width)
+            scores, ids = self._search(self.indexes[0], query, k)
+            scores, ids = self._drop_blocked(scores[:, None], ids[:, None], blocked, width)
+            return scores[:, 0], ids[:, 0]
         interests = tf.shape(query)[1]
-        flat = tf.reshape(query, [-1, query.shape[-1]])
-        scores, ids = self._candidates(
-            self.indexes[0], flat, tf.repeat(blocked, interests, axis=0), k, width
+        scores, ids = self._search(self.indexes[0], tf.reshape(query, [-1, query.shape[-1]]), k)
+        shape = [-1, interests, tf.shape(ids)[1]]  # rows of the flat batch: b-major
+        scores, ids = self._drop_blocked(
+            tf.reshape(scores, shape), tf.reshape(ids, shape), blocked, width
         )
-        shape = [-1, interests, width]
-        return interest_merge_tf(tf.reshape(scores, shape), tf.reshape(ids, shape), width)
+        return interest_merge_tf(scores, ids, width)
 
     def _request_k(self, size: int, blocked_here: tf.Tensor, num_results: tf.Tensor):
         """Candidates to ask an index of ``size`` items for: ``num_results`` plus the most
@@ -331,30 +370,49 @@ class RetrievalModule(tf.Module):
         most = tf.reduce_max(tf.concat([blocked_here, [0]], axis=0))
         return tf.clip_by_value(num_results + most, 1, size)
 
-    def _candidates(self, index, query: tf.Tensor, seen: tf.Tensor, k=None, width=None):
-        """(scores, model ids) [B, width] of one index (``k`` candidates asked; None: the
-        plan's): excluded and empty slots -> -inf / PAD_ID, valid candidates first."""
-        b = tf.shape(query)[0]
-        width = self.width if width is None else width
+    def _search(self, index, query: tf.Tensor, k=None) -> Tuple[tf.Tensor, tf.Tensor]:
+        """(scores, model ids) [B, k] of one index (``k`` candidates asked; None: the
+        plan's); an absent index (empty cluster) gives [B, 0]."""
         if index is None:
-            return (
-                tf.fill([b, width], tf.constant(-np.inf, tf.float32)),
-                tf.zeros([b, width], tf.int32),
+            b = tf.shape(query)[0]
+            return tf.zeros([b, 0], tf.float32), tf.zeros([b, 0], tf.int32)
+        scores, ids = index(query, k=k)
+        return scores, tf.cast(ids, tf.int32)
+
+    def _cluster_candidates(self, users: tf.Tensor, blocked: tf.Tensor, counts, num_results):
+        """(scores, ids) [B, K, width] of every cluster's index, searched with its own
+        query ``users[:, c]``; the exclusion and ordering run once over all lists."""
+        found = [
+            self._search(
+                self.indexes[c],
+                users[:, c],
+                self._request_k(self.index_sizes[c], counts[:, c], num_results),
             )
-        scores, raw = index(query, k=k)
-        ids = self.model_ids(raw)
-        pos = tf.searchsorted(seen, ids)
-        hit = tf.gather(seen, tf.minimum(pos, tf.shape(seen)[1] - 1), batch_dims=1)
+            for c in range(self.num_clusters)
+        ]
+        return self._drop_blocked(*stack_lists(found), blocked)
+
+    def _drop_blocked(self, scores, ids, blocked: tf.Tensor, width=None):
+        """Lists ``scores``, ``ids`` [B, L, k] -> [B, L, width]: items of the sorted
+        ``blocked`` [B, E] and empty slots (NaN scores, PAD_ID) -> -inf / PAD_ID, valid
+        candidates first, by score. One pass for all L lists of a row."""
+        width = self.width if width is None else width
+        shape = tf.shape(ids)
+        flat = tf.reshape(ids, [shape[0], -1])
+        pos = tf.searchsorted(blocked, flat)
+        hit = tf.gather(blocked, tf.minimum(pos, tf.shape(blocked)[1] - 1), batch_dims=1)
+        hit = tf.reshape(hit, shape)
         valid = ~tf.math.is_nan(scores) & tf.not_equal(ids, PAD_ID) & tf.not_equal(hit, ids)
         scores = tf.where(valid, scores, -np.inf)
         order = tf.argsort(scores, axis=-1, direction="DESCENDING", stable=True)
-        scores = tf.gather(scores, order, batch_dims=1)
-        ids = tf.gather(tf.where(valid, ids, PAD_ID), order, batch_dims=1)
-        scores, ids = scores[:, :width], ids[:, :width]
-        pad = [[0, 0], [0, width - tf.shape(scores)[1]]]
+        scores = tf.gather(scores, order, batch_dims=2)[:, :, :width]
+        ids = tf.gather(tf.where(valid, ids, PAD_ID), order, batch_dims=2)[:, :, :width]
+        pad = [[0, 0], [0, 0], [0, width - tf.shape(scores)[2]]]
         scores = tf.pad(scores, pad, constant_values=-np.inf)
         ids = tf.pad(ids, pad, constant_values=PAD_ID)
-        return tf.ensure_shape(scores, [None, width]), tf.ensure_shape(ids, [None, width])
+        return tf.ensure_shape(scores, [None, None, width]), tf.ensure_shape(
+            ids, [None, None, width]
+        )
 
     def _blocked_per_cluster(self, blocked: tf.Tensor) -> tf.Tensor:
         """[B, K] number of ``blocked`` model ids [B, E] in each cluster (PAD_ID: none)."""
@@ -492,19 +550,11 @@ class RetrievalModule(tf.Module):
                 ids = tf.gather(tf.where(keep, ids, PAD_ID), order, batch_dims=1)
                 clusters = tf.gather(tf.where(keep, clusters, -1), order, batch_dims=1)
             return self._finish(ids, scores, clusters, num_results)
+        if self.global_index is not None and allowed is None:
+            return self._serve_global(tower, blocked, counts, num_results)
         k = self.num_clusters
         users = self._cluster_queries(tower, b)
-        per_cluster = [
-            self._candidates(
-                self.indexes[c],
-                users[:, c],
-                blocked,
-                self._request_k(self.index_sizes[c], counts[:, c], num_results),
-            )
-            for c in range(k)
-        ]
-        scores = tf.stack([s for s, _ in per_cluster], axis=1)  # [B, K, width]
-        ids = tf.stack([i for _, i in per_cluster], axis=1)
+        scores, ids = self._cluster_candidates(users, blocked, counts, num_results)
         p = self.model.intent(tower, training=False)
         if allowed is not None:
             scores = tf.where(allowed[:, :, None], scores, -np.inf)
@@ -523,6 +573,17 @@ class RetrievalModule(tf.Module):
         quotas = compute_quotas_tf(p, num_results, alpha, capacity)
         out_ids, out_scores, out_clusters = merge_per_cluster_tf(scores, ids, quotas)
         return self._finish(out_ids, out_scores, out_clusters, num_results)
+
+    def _serve_global(self, tower, blocked, counts, num_results) -> Dict[str, tf.Tensor]:
+        """The score merge at prompt weight 0 from the global index: the top items of the
+        catalogue by the unprompted user vector, blocked items left out."""
+        query = self._user(tower, tf.fill([tf.shape(tower)[0]], self.num_clusters))
+        k = self._request_k(self.num_items, tf.reduce_sum(counts, 1), num_results)
+        scores, ids = self._search(self.global_index, query, k)
+        scores, ids = self._drop_blocked(scores[:, None], ids[:, None], blocked)
+        scores, ids = scores[:, 0], ids[:, 0]
+        clusters = tf.where(ids == PAD_ID, -1, tf.gather(self.item_cluster, ids))
+        return self._finish(ids, scores, clusters, num_results)
 
     # ------------------------------------------------------------------ signatures
 

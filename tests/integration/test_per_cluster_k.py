@@ -31,12 +31,16 @@ def setup(tiny_data, tmp_path_factory):
             "exclude": exclude, "root": root}  # fmt: skip
 
 
-def _modules(setup, variant_dir, **cfg):
-    config = ExportConfig(
+def _config(setup, variant_dir, **cfg):
+    return ExportConfig(
         model_dir=str(variant_dir), data_dir=setup["tiny_data"], output=str(setup["root"] / "x"),
         max_num_results=30, default_num_results=10, max_history=20, max_exclude=4, alpha=1.0,
         **cfg,
     )  # fmt: skip
+
+
+def _modules(setup, variant_dir, **cfg):
+    config = _config(setup, variant_dir, **cfg)
     return build_module(config)[0], build_module(config, per_cluster_k=False)[0]
 
 
@@ -76,3 +80,27 @@ def test_per_cluster_k_for_a_plain_variant(setup):
     model_dir = _train(setup["tiny_data"], setup["root"] / "sasrec", "sasrec", steps=2)
     fast, reference = _modules(setup, model_dir, index="brute-force")
     _assert_same(fast, reference, setup)
+
+
+@pytest.mark.parametrize("per_cluster_k", [True, False])
+def test_global_index_at_prompt_weight_zero_equals_the_per_cluster_searches(setup, per_cluster_k):
+    """At prompt weight 0 the score merge ranks every cluster by the unprompted score, so
+    one search of an index over all items must return the merged per-cluster lists."""
+    cfg = dict(merge="score", prompt_weight=0.0, index="brute-force")
+    one = build_module(_config(setup, setup["model_dir"], **cfg), per_cluster_k)[0]
+    many = build_module(
+        _config(setup, setup["model_dir"], global_index=False, **cfg), per_cluster_k
+    )[0]
+    assert one.global_index is not None and many.global_index is None
+    for m in (1, 10, 30):
+        for got, want in zip(_calls(one, setup, m), _calls(many, setup, m), strict=True):
+            for key in ("item_ids", "clusters"):
+                np.testing.assert_array_equal(got[key].numpy(), want[key].numpy(), err_msg=key)
+            np.testing.assert_allclose(got["scores"].numpy(), want["scores"].numpy(), rtol=1e-5)
+
+
+def test_global_index_only_at_prompt_weight_zero(setup):
+    module = build_module(
+        _config(setup, setup["model_dir"], merge="score", prompt_weight=0.5, index="brute-force")
+    )[0]
+    assert module.global_index is None  # the prompted queries differ per cluster

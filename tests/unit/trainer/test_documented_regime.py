@@ -6,13 +6,20 @@ the documentation cannot drift from the defaults (or the defaults from the docum
 """
 
 import fnmatch
+import json
 import os
 import re
 
 import pytest
 
 from trainer import knobs
-from trainer.config import PRESETS, VARIANTS, make_train_config
+from trainer.config import (
+    PRESETS,
+    SMALL_DATA_DIM,
+    SMALL_DATA_INTERACTIONS,
+    VARIANTS,
+    make_train_config,
+)
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, "README.md")
 # Rows whose cells are words rather than values ("none (one pass)", "shared").
@@ -84,3 +91,36 @@ def test_dnc_default_regime_is_the_in_cluster_softmax_with_the_implied_intent():
     )
     assert config.training == "all-positions" and config.model.prompt_position == "output"
     assert make_train_config("d", "o", "sasrec").loss == "sampled-softmax"
+
+
+def _data(tmp_path, interactions):
+    (tmp_path / "stats.json").write_text(json.dumps({"interactions": interactions}))
+    return str(tmp_path)
+
+
+def test_dnc_embeddings_are_narrower_on_small_data(tmp_path):
+    small = _data(tmp_path, SMALL_DATA_INTERACTIONS - 1)
+    assert make_train_config(small, "o", "dnc").model.embedding_dim == SMALL_DATA_DIM
+    assert make_train_config("d", "o", "dnc").model.embedding_dim == 100  # no stats: the regime
+    explicit = make_train_config(small, "o", "dnc", model_overrides={"embedding_dim": 64})
+    assert explicit.model.embedding_dim == 64
+    assert make_train_config(small, "o", "dnc", "paper").model.embedding_dim == 50
+    assert make_train_config(small, "o", "sasrec").model.embedding_dim == 50
+
+
+def test_dnc_embeddings_keep_the_regime_on_larger_data(tmp_path):
+    large = _data(tmp_path, SMALL_DATA_INTERACTIONS)
+    assert make_train_config(large, "o", "dnc").model.embedding_dim == 100
+
+
+def test_stats_without_an_interaction_count_is_an_error(tmp_path):
+    (tmp_path / "stats.json").write_text(json.dumps({"users": 3}))
+    with pytest.raises(ValueError, match="interactions"):
+        make_train_config(str(tmp_path), "o", "dnc")
+
+
+def test_the_readme_states_the_small_data_rule():
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    assert f"{SMALL_DATA_DIM} wide when the preprocessing output" in text
+    assert f"fewer than {SMALL_DATA_INTERACTIONS:,} interactions" in text
