@@ -74,7 +74,7 @@ bench-compare: venv
 		$(BIN)/dnc preprocess --source sequences --input $(SHARED_DATA)/$$name/$$file.txt \
 			--output runs/$$name && \
 		$(BIN)/python bench/compare.py --data runs/$$name --grid bench/grids/issue11.json \
-			--variants sasrec,dnc --out bench/results/compare-issue11-$$name || exit 1; \
+			--variants sasrec,sasrec-mixed,dnc --out bench/results/compare-issue11-$$name || exit 1; \
 	done
 	$(BIN)/python bench/summarize_compare.py --out bench/results/issue11-summary \
 		--report "Amazon Beauty=bench/results/compare-issue11-amazon-beauty.json" \

@@ -41,7 +41,9 @@ class Trainer(Component):
     def cache_config(self) -> Dict[str, Any]:
         # The effective config, not the section: an unset knob takes the regime that
         # trainer.config defines, so a change of the regime retrains, and a change of
-        # trainer.variants does not retrain the other variants.
+        # trainer.variants does not retrain the other variants. The data-sized default
+        # width (trainer.config.default_embedding_dim) follows the input, whose
+        # fingerprint is part of the cache key.
         config = to_dict(self.train_config("", ""))
         del config["data"], config["output"]
         return {"variant": self.variant, "train_config": config}
