@@ -158,14 +158,21 @@ def build_index(
     return index.index(tf.constant(embeddings, tf.float32), ids)
 
 
+PARALLEL_BUILD_MIN_ITEMS = 100_000
+
+
 def build_indexes(
     jobs: Sequence[Tuple[Dict[str, object], np.ndarray, str]], embeddings: np.ndarray
 ) -> List[Optional[tf.keras.layers.Layer]]:
     """:func:`build_index` of every ``(plan, model ids, name)`` job over those rows of
-    ``embeddings`` (None for no rows), one thread per core.
+    ``embeddings`` (None for no rows); one thread per core from ``PARALLEL_BUILD_MIN_ITEMS``
+    items on.
 
     ScaNN's training releases the GIL and keeps the cores only partly busy: building a
-    catalogue's indexes two at a time on 2 cores took 10.0 s instead of 14.2 s.
+    catalogue's indexes two at a time on 2 cores took 10.0 s instead of 14.2 s. Concurrent
+    builds are not reproducible (two builds of one catalogue may differ in the last bit of a
+    score), so smaller catalogues, where the time does not matter, are built one index at a
+    time, and two builds of them give the same lists.
     """
 
     def build(job: Tuple[Dict[str, object], np.ndarray, str]):
@@ -174,7 +181,9 @@ def build_indexes(
             return None
         return build_index(plan, embeddings[rows], rows.astype(np.int32), name)
 
-    with ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="index") as pool:
+    items = sum(int(rows.size) for _, rows, _ in jobs)
+    threads = max(1, os.cpu_count() or 1) if items >= PARALLEL_BUILD_MIN_ITEMS else 1
+    with ThreadPoolExecutor(threads, thread_name_prefix="index") as pool:
         return list(pool.map(build, jobs))
 
 
