@@ -376,15 +376,15 @@ class RetrievalModule(tf.Module):
             return self.model.interest_embeddings(tower, training=False)
         return self.model.user_embedding(tower, task, training=False)
 
-    def _global_candidates(self, query, blocked, k, width):
-        """(scores, ids) [B, width] of the global index: one query row [B, d], or the union
-        of the interests' lists by score for multi-interest queries [B, I, d]."""
+    def _global_candidates(self, index, query, blocked, k, width):
+        """(scores, ids) [B, width] of one index over all items: one query row [B, d], or
+        the union of the interests' lists by score for multi-interest queries [B, I, d]."""
         if query.shape.rank == 2:
-            scores, ids = self._search(self.indexes[0], query, k)
+            scores, ids = self._search(index, query, k)
             scores, ids = self._drop_blocked(scores[:, None], ids[:, None], blocked, width)
             return scores[:, 0], ids[:, 0]
         interests = tf.shape(query)[1]
-        scores, ids = self._search(self.indexes[0], tf.reshape(query, [-1, query.shape[-1]]), k)
+        scores, ids = self._search(index, tf.reshape(query, [-1, query.shape[-1]]), k)
         shape = [-1, interests, tf.shape(ids)[1]]  # rows of the flat batch: b-major
         scores, ids = self._drop_blocked(
             tf.reshape(scores, shape), tf.reshape(ids, shape), blocked, width
@@ -563,24 +563,13 @@ class RetrievalModule(tf.Module):
         allowed = None if clusters is None else self._allowed(clusters, b)
         counts = self._blocked_per_cluster(blocked)
         if not self.merged:
-            query = self._user(tower, tf.fill([b], self.num_clusters))
-            # A cluster filter cuts the global list after the search: keep the plan's k.
-            k, width = None, self.k_max
-            if allowed is None:
-                k = self._request_k(self.index_sizes[0], tf.reduce_sum(counts, 1), num_results)
-                width = self.width
-            scores, ids = self._global_candidates(query, blocked, k, width)
-            clusters = tf.where(ids == PAD_ID, -1, tf.gather(self.item_cluster, ids))
-            if allowed is not None:
-                keep = tf.gather(allowed, tf.maximum(clusters, 0), batch_dims=1) & (ids != PAD_ID)
-                order = tf.argsort(tf.cast(keep, tf.int32), axis=-1, direction="DESCENDING",
-                                   stable=True)  # fmt: skip
-                scores = tf.gather(tf.where(keep, scores, -np.inf), order, batch_dims=1)
-                ids = tf.gather(tf.where(keep, ids, PAD_ID), order, batch_dims=1)
-                clusters = tf.gather(tf.where(keep, clusters, -1), order, batch_dims=1)
-            return self._finish(ids, scores, clusters, num_results)
+            return self._serve_one_index(
+                self.indexes[0], self.index_sizes[0], tower, blocked, counts, num_results, allowed
+            )
         if self.global_index is not None and allowed is None:
-            return self._serve_global(tower, blocked, counts, num_results)
+            return self._serve_one_index(
+                self.global_index, self.num_items, tower, blocked, counts, num_results, None
+            )
         k = self.num_clusters
         users = self._cluster_queries(tower, b)
         scores, ids = self._cluster_candidates(users, blocked, counts, num_results)
@@ -603,15 +592,26 @@ class RetrievalModule(tf.Module):
         out_ids, out_scores, out_clusters = merge_per_cluster_tf(scores, ids, quotas)
         return self._finish(out_ids, out_scores, out_clusters, num_results)
 
-    def _serve_global(self, tower, blocked, counts, num_results) -> Dict[str, tf.Tensor]:
-        """The score merge at prompt weight 0 from the global index: the top items of the
-        catalogue by the unprompted user vector, blocked items left out."""
+    def _serve_one_index(self, index, size, tower, blocked, counts, num_results, allowed):
+        """Top items of one index over ``size`` items, searched with the unprompted user
+        vector (or a multi-interest model's interests): the plain variants' index, and the
+        global index of the score merge at prompt weight 0. ``allowed`` [B, K] (or None)
+        cuts the list to those clusters after the search."""
         query = self._user(tower, tf.fill([tf.shape(tower)[0]], self.num_clusters))
-        k = self._request_k(self.num_items, tf.reduce_sum(counts, 1), num_results)
-        scores, ids = self._search(self.global_index, query, k)
-        scores, ids = self._drop_blocked(scores[:, None], ids[:, None], blocked)
-        scores, ids = scores[:, 0], ids[:, 0]
+        # A cluster filter cuts the list after the search: keep the plan's k.
+        k, width = None, self.k_max
+        if allowed is None:
+            k = self._request_k(size, tf.reduce_sum(counts, 1), num_results)
+            width = self.width
+        scores, ids = self._global_candidates(index, query, blocked, k, width)
         clusters = tf.where(ids == PAD_ID, -1, tf.gather(self.item_cluster, ids))
+        if allowed is not None:
+            keep = tf.gather(allowed, tf.maximum(clusters, 0), batch_dims=1) & (ids != PAD_ID)
+            order = tf.argsort(tf.cast(keep, tf.int32), axis=-1, direction="DESCENDING",
+                               stable=True)  # fmt: skip
+            scores = tf.gather(tf.where(keep, scores, -np.inf), order, batch_dims=1)
+            ids = tf.gather(tf.where(keep, ids, PAD_ID), order, batch_dims=1)
+            clusters = tf.gather(tf.where(keep, clusters, -1), order, batch_dims=1)
         return self._finish(ids, scores, clusters, num_results)
 
     # ------------------------------------------------------------------ signatures

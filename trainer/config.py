@@ -431,8 +431,9 @@ def make_train_config(
         raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     model = values.get("model", ModelConfig())
-    sized = default_embedding_dim(variant, preset, data)
-    if sized is not None and (model_overrides or {}).get("embedding_dim") is None:
+    explicit = (model_overrides or {}).get("embedding_dim") is not None
+    sized = None if explicit else default_embedding_dim(variant, preset, data)
+    if sized is not None:
         log.info(
             "%s: fewer than %d interactions in %s, embeddings %d wide (--dim overrides)",
             variant,
