@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 from preprocessing.config import (
     CLUSTERINGS,
     FILTER_MODES,
+    KMEANS_STRATEGIES,
     SOURCES,
     ClusteringConfig,
     PreprocessConfig,
@@ -44,6 +45,13 @@ def add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="output directory (replaced atomically)")
     p.add_argument("--clustering", default="kmeans", choices=CLUSTERINGS)
     p.add_argument("--num-clusters", type=int, default=ClusteringConfig.num_clusters)
+    p.add_argument(
+        "--kmeans-strategy",
+        default=ClusteringConfig.kmeans_strategy,
+        choices=KMEANS_STRATEGIES,
+        help="kmeans: plain K-means; bisecting: split the largest cluster each time (more "
+        "even cluster sizes)",
+    )
     p.add_argument("--item2vec-dim", type=int, default=ClusteringConfig.embedding_dim)
     p.add_argument("--item2vec-epochs", type=int, default=ClusteringConfig.epochs)
     p.add_argument("--item2vec-window", type=int, default=ClusteringConfig.window)
@@ -92,6 +100,7 @@ def preprocess_config(args: argparse.Namespace, beam_args: Sequence[str]) -> Pre
         window=args.item2vec_window,
         epochs=args.item2vec_epochs,
         seed=args.cluster_seed,
+        kmeans_strategy=args.kmeans_strategy,
     )
     return PreprocessConfig(
         source=source,

@@ -62,7 +62,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from gensim.models import Word2Vec
 from gensim.models.callbacks import CallbackAny2Vec
-from sklearn.cluster import KMeans
+from sklearn.cluster import BisectingKMeans, KMeans
 from tqdm.auto import tqdm
 
 from preprocessing.config import CLUSTERINGS, ClusteringConfig
@@ -265,6 +265,18 @@ def _item2vec(corpus: List[Tuple[str, ...]], num_tokens: int, config: Clustering
     return model
 
 
+def _kmeans_estimator(k: int, config: ClusteringConfig) -> KMeans | BisectingKMeans:
+    """scikit-learn's K-means of ``config.kmeans_strategy`` with K = ``k``."""
+    if config.kmeans_strategy == "bisecting":
+        return BisectingKMeans(
+            n_clusters=k,
+            random_state=config.seed,
+            n_init=config.kmeans_n_init,
+            bisecting_strategy="largest_cluster",
+        )
+    return KMeans(n_clusters=k, random_state=config.seed, n_init=config.kmeans_n_init)
+
+
 def _fit_kmeans(
     train_sequences: Sequence[Sequence[str]],
     items: List[str],
@@ -297,9 +309,7 @@ def _fit_kmeans(
     )
 
     start = time.perf_counter()
-    kmeans = KMeans(n_clusters=k, random_state=config.seed, n_init=config.kmeans_n_init).fit(
-        vectors
-    )
+    kmeans = _kmeans_estimator(k, config).fit(vectors)
     # Compact to the labels actually used (K-means may leave a cluster empty
     # when several vectors coincide), keeping their order.
     used = np.unique(kmeans.labels_)

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 SOURCES = ("ml1m", "kuairand", "sequences", "csv", "synthetic")
 CLUSTERINGS = ("kmeans", "category")
+KMEANS_STRATEGIES = ("kmeans", "bisecting")
 FILTER_MODES = ("until_stable", "once")
 
 
@@ -134,6 +135,9 @@ class ClusteringConfig:
             1e-4 rather than gensim's 1e-3: item catalogues are far smaller than
             vocabularies, so popular items are much more frequent than words).
         kmeans_n_init: K-means restarts (fixed, not sklearn's version-dependent default).
+        kmeans_strategy: ``kmeans`` (scikit-learn ``KMeans``) or ``bisecting``
+            (``BisectingKMeans`` splitting the largest cluster each time: more even
+            cluster sizes).
     """
 
     method: str = "kmeans"
@@ -145,8 +149,14 @@ class ClusteringConfig:
     seed: int = 42
     sample: float = 1e-4
     kmeans_n_init: int = 10
+    kmeans_strategy: str = "kmeans"
 
     def __post_init__(self) -> None:
+        if self.kmeans_strategy not in KMEANS_STRATEGIES:
+            raise ValueError(
+                f"unknown kmeans_strategy {self.kmeans_strategy!r}; "
+                f"expected one of {KMEANS_STRATEGIES}"
+            )
         if self.method not in CLUSTERINGS:
             raise ValueError(f"unknown clustering {self.method!r}; expected one of {CLUSTERINGS}")
         if self.num_clusters < 1:

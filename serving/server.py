@@ -42,6 +42,11 @@ from serving.model_manager import (
 
 log = logging.getLogger("dnc.serving")
 
+# gRPC requests accepted at once (running + waiting for one of --grpc_workers threads).
+# 8x the default pool: far above the 32 clients of the benchmark, yet a burst cannot grow
+# the queue (and its memory) without bound; each waiting request also has its deadline.
+DEFAULT_MAX_CONCURRENT_RPCS = 128
+
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
@@ -68,6 +73,9 @@ class Server:
         request_timeout_seconds: longest time spent on one request (<= 0: no server
             limit; a gRPC client's deadline always applies).
         grpc_workers: size of the gRPC thread pool.
+        max_concurrent_rpcs: most gRPC requests accepted at once, running or waiting for a
+            worker; one more is answered RESOURCE_EXHAUSTED at once, so the queue in front
+            of the workers is bounded by count as well as by deadline (<= 0: no bound).
         loader: SavedModel loader (default: ``serving.export.load_exported`` if present,
             else ``tf.saved_model.load``).
         batching: request batching settings (``--enable_batching``; None: every request
@@ -88,9 +96,12 @@ class Server:
         max_history_length: int = DEFAULT_MAX_HISTORY_LENGTH,
         request_timeout_seconds: float = DEFAULT_REQUEST_TIMEOUT_SECONDS,
         batching: Optional[BatchingParameters] = None,
+        max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
     ) -> None:
         if not models:
             raise ValueError("at least one model is required")
+        if grpc_workers < 1:
+            raise ValueError(f"grpc_workers must be >= 1, got {grpc_workers}")
         self.batcher: Any = None
         if batching is not None:
             from serving.batching import RequestBatcher
@@ -109,6 +120,7 @@ class Server:
         self.max_request_bytes = max_request_bytes
         self.max_request_elements = max_request_elements
         self.grpc_workers = grpc_workers
+        self.max_concurrent_rpcs = max_concurrent_rpcs if max_concurrent_rpcs > 0 else None
         self.grpc_port: Optional[int] = None
         self.rest_port: Optional[int] = None
         self._grpc: Any = None
@@ -143,6 +155,7 @@ class Server:
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(self.grpc_workers, thread_name_prefix="grpc"),
             options=options,
+            maximum_concurrent_rpcs=self.max_concurrent_rpcs,
         )
         grpc_service.add_servicers(self._grpc, self.manager, self.limits)
         address = f"[{self.host}]" if ":" in self.host else self.host
@@ -250,6 +263,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "always apply)",
     )
     parser.add_argument("--grpc_workers", type=int, default=16, help="gRPC thread pool size")
+    parser.add_argument(
+        "--grpc_max_concurrent_rpcs",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT_RPCS,
+        help="most gRPC requests accepted at once, running or queued for a worker; more are "
+        f"answered RESOURCE_EXHAUSTED (default {DEFAULT_MAX_CONCURRENT_RPCS}; <= 0: no bound)",
+    )
     parser.add_argument(
         "--enable_batching",
         nargs="?",
@@ -389,6 +409,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_request_bytes=args.max_request_bytes,
             max_request_elements=args.max_request_elements,
             grpc_workers=args.grpc_workers,
+            max_concurrent_rpcs=args.grpc_max_concurrent_rpcs,
             max_history_length=args.max_history_length,
             request_timeout_seconds=args.request_timeout_seconds,
             batching=batching,

@@ -262,12 +262,39 @@ def test_expired_client_deadline_is_not_run(bases):
         assert "before running the model" in info.value.message and loaded.runs == 2
 
 
+def test_concurrent_rpcs_are_bounded(bases):
+    """Past --grpc_max_concurrent_rpcs a request is refused at once, not queued."""
+    with _serve(bases, grpc_workers=1, max_concurrent_rpcs=2, request_timeout_seconds=0) as srv:
+        loaded = srv.manager.get("slow")
+        results: List[grpc.StatusCode] = []
+
+        def call(seconds: float) -> None:
+            results.append(_grpc(srv, make_request("slow", seconds=np.float32(seconds)))[0])
+
+        running = threading.Thread(target=call, args=(1.5,))  # holds the only worker
+        running.start()
+        time.sleep(0.3)
+        waiting = threading.Thread(target=call, args=(0,))  # queued behind it: 2 in flight
+        waiting.start()
+        time.sleep(0.3)
+        start = time.monotonic()
+        code, details = _grpc(srv, make_request("slow", seconds=np.float32(0)))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+        assert time.monotonic() - start < 0.5  # refused, not queued behind the slow call
+        running.join(20)
+        waiting.join(20)
+        assert results == [grpc.StatusCode.OK, grpc.StatusCode.OK]
+        assert loaded.runs == 2  # the refused request never ran
+        assert _grpc(srv, make_request("slow", seconds=np.float32(0)))[0] == grpc.StatusCode.OK
+
+
 def test_bind_defaults_and_warning(bases, caplog):
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     args = parser.parse_args(["--model_base_path=x"])
     assert args.host == "127.0.0.1" and args.max_history_length == 2048
     assert args.request_timeout_seconds == 30 and args.max_request_bytes == 4 * 1024 * 1024
+    assert args.grpc_max_concurrent_rpcs == 128  # a bounded queue by default
     with caplog.at_level(logging.WARNING, logger="dnc.serving"):
         with _serve(bases, host="127.0.0.1"):
             pass

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from typing import Dict, List, Tuple
 
+import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
@@ -234,3 +235,35 @@ def test_unknown_method_is_rejected() -> None:
     object.__setattr__(config, "method", "spectral")
     with pytest.raises(ValueError, match="spectral"):
         fit_clusters([["a"]], ["a"], {}, {}, config)
+
+
+def test_bisecting_recovers_planted_groups() -> None:
+    sequences, items, group = planted()
+    config = dataclasses.replace(SMALL, kmeans_strategy="bisecting")
+    assignment = fit_clusters(sequences, items, {}, {}, config)
+    check_complete(assignment, items)
+    labels = [assignment.item_to_cluster[item] for item in items]
+    assert adjusted_rand_score([group[item] for item in items], labels) > 0.95
+
+
+def test_bisecting_splits_the_largest_cluster() -> None:
+    """Four overlapping groups of 1,000, 100, 100 and 100 points: K-means keeps the big
+    group whole (the shape of item2vec's one giant cluster on Amazon Beauty); the bisecting
+    strategy splits it, so its largest cluster is about half as big."""
+    rng = np.random.default_rng(0)
+    groups = [
+        rng.normal(0, 1, (1, 8)) * 2 + rng.normal(0, 1, (n, 8)) for n in (1000, 100, 100, 100)
+    ]
+    points = np.concatenate(groups)
+    largest = {}
+    for strategy in ("kmeans", "bisecting"):
+        config = ClusteringConfig(num_clusters=4, seed=0, kmeans_strategy=strategy)
+        estimator = clustering._kmeans_estimator(4, config)
+        largest[strategy] = np.bincount(estimator.fit(points).labels_).max()
+    assert largest["kmeans"] >= 950
+    assert largest["bisecting"] < 600
+
+
+def test_unknown_kmeans_strategy_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown kmeans_strategy 'balanced'"):
+        ClusteringConfig(kmeans_strategy="balanced")
