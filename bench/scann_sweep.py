@@ -2,7 +2,7 @@
 
 For the clusters of the serving benchmark's synthetic catalogue (``bench/serving.py``:
 uneven cluster sizes, low-rank or isotropic noise), one tfrs ``ScaNN`` layer per setting,
-built as ``serving.retrieval_module.build_index`` builds it, searched one query at a time
+built as ``serving.indexes.build_index`` builds it, searched one query at a time
 (the serving path's per-cluster search):
 
 * ``leaves_fraction``: share of the ~sqrt(n) leaves searched (the export's
@@ -93,7 +93,7 @@ def sweep_cluster(emb: np.ndarray, args: argparse.Namespace, seed: int) -> Dict[
     import tensorflow as tf
     import tensorflow_recommenders as tfrs
 
-    from serving.retrieval_module import build_index, index_plan
+    from serving.indexes import build_index, index_plan
 
     k = args.k
     q = queries(emb, args.queries, seed)

@@ -167,7 +167,7 @@ def index_plans(
     data: Dict[str, np.ndarray], index: str, args: argparse.Namespace
 ) -> List[Dict[str, Any]]:
     """The plan ``dnc export`` would choose for each cluster's index."""
-    from serving.retrieval_module import index_plan
+    from serving.indexes import index_plan
 
     k = args.max_num_results + args.max_history
     return [

@@ -54,8 +54,9 @@ import tensorflow_transform as tft
 
 from preprocessing import features, fileio
 from serving.index_kinds import INDEX_KINDS
+from serving.indexes import index_plan
 from serving.model_config import METADATA_DIR, METADATA_FILE
-from serving.retrieval_module import RetrievalModule, index_plan
+from serving.retrieval_module import RetrievalModule
 from trainer import data, evaluation
 from trainer.alpha import alpha_to_json, check_alpha
 from trainer.config import get_variant
