@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import evaluation, score_merge
+from trainer import candidate_lists, evaluation, score_merge
 from trainer.config import PAD_ID
 from trainer.reference_scorer import MeanPoolScorer
 
@@ -85,8 +85,8 @@ def test_joint_score_is_a_distribution_over_the_unseen_catalogue():
     for row in histories:
         n = rng.integers(1, 6)
         row[-n:] = rng.choice(np.arange(1, num_items + 1), n, replace=False)
-    data = evaluation._prepare(scorer, histories, None, None, item_cluster)
-    (batch,) = evaluation._batches(scorer, data, num_items, True, 64, False, 2**30)
+    data = candidate_lists.prepare(scorer, histories, None, None, item_cluster)
+    (batch,) = candidate_lists.batches(scorer, data, num_items, True, 64, False, 2**30)
     ids, joint, _ = score_merge.score_merge(
         batch.scores, batch.ids, batch.log_z, batch.intent, 1.0, num_items
     )
@@ -106,8 +106,8 @@ def test_evaluation_score_merge_beats_nothing_and_reports_the_merge():
     item_cluster = np.concatenate([[-1], rng.integers(0, k, num_items)])
     histories = rng.integers(1, num_items + 1, size=(20, 6))
     lists = evaluation.retrieve(scorer, histories, None, item_cluster, m=10, merge="score")
-    data = evaluation._prepare(scorer, histories, None, None, item_cluster)
-    (batch,) = evaluation._batches(scorer, data, 10, True, 64, False, 2**30)
+    data = candidate_lists.prepare(scorer, histories, None, None, item_cluster)
+    (batch,) = candidate_lists.batches(scorer, data, 10, True, 64, False, 2**30)
     want, _, _ = score_merge.score_merge(
         batch.scores, batch.ids, batch.log_z, batch.intent, evaluation.DEFAULT_ALPHA, 10
     )
@@ -194,8 +194,8 @@ def test_blended_joint_score_lists_match_the_brute_force_blend():
     rng = np.random.default_rng(12)
     item_cluster = np.concatenate([[-1], rng.integers(0, k, num_items)])
     histories = rng.integers(1, num_items + 1, size=(10, 4))
-    data = evaluation._prepare(scorer, histories, None, None, item_cluster)
-    (batch,) = evaluation._batches(scorer, data, 5, True, 64, False, 2**30, prompt_weight=w)
+    data = candidate_lists.prepare(scorer, histories, None, None, item_cluster)
+    (batch,) = candidate_lists.batches(scorer, data, 5, True, 64, False, 2**30, prompt_weight=w)
     items = scorer.item_embeddings()
     for row, history in enumerate(histories):
         tasks = np.arange(k + 1)
