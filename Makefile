@@ -66,7 +66,10 @@ bench-tune: venv
 
 # Issue 11: sasrec and dnc, 5 grid points each (bench/grids/issue11.json), selected on
 # validation, on the real data sets in ../shared/data (about 10-15 minutes a run on
-# Beauty/Toys, 5-12 on LastFM, 2 cores; several hours in all), then the cross-data-set table.
+# Beauty/Toys, 5-12 on LastFM, 2 cores; several hours in all), the embedded synthetic set
+# at M = 50, 100 (bench/grids/issue11-small.json: 3 points per variant, the default, the other
+# width and the other loss, the points that moved on the real sets; about 8 minutes a run, the
+# 1,000-step minimum is 50 epochs there), then the cross-data-set table.
 SHARED_DATA ?= ../shared/data
 bench-compare: venv
 	for ds in lastfm:LastFM amazon-beauty:Beauty amazon-toys:Toys_and_Games; do \
@@ -76,10 +79,14 @@ bench-compare: venv
 		$(BIN)/python bench/compare.py --data runs/$$name --grid bench/grids/issue11.json \
 			--variants sasrec,sasrec-mixed,dnc --out bench/results/compare-issue11-$$name || exit 1; \
 	done
+	$(BIN)/dnc preprocess --source synthetic --output runs/bench-synthetic
+	$(BIN)/python bench/compare.py --data runs/bench-synthetic --grid bench/grids/issue11-small.json \
+		--variants sasrec,sasrec-mixed,dnc --m 50,100 --out bench/results/compare-issue11-synthetic
 	$(BIN)/python bench/summarize_compare.py --out bench/results/issue11-summary \
 		--report "Amazon Beauty=bench/results/compare-issue11-amazon-beauty.json" \
 		--report "Amazon Toys=bench/results/compare-issue11-amazon-toys.json" \
 		--report "LastFM=bench/results/compare-issue11-lastfm.json" \
+		--report "synthetic=bench/results/compare-issue11-synthetic.json" \
 		--strongest "Amazon Beauty=sasrec d=100, 0.1225 / 0.1759 (this grid; before it 0.1177 / 0.1740)" \
 		--strongest "Amazon Toys=sasrec default, 0.1251 / 0.1727 (this grid; before it 0.1154 / 0.1668)" \
 		--strongest "LastFM=sasrec full softmax, 0.1101 / 0.1835 (this grid); at R@50 the sasrec default run 0.1009 / 0.1972 (runs-issue11-lastfm.md); before them 0.1000 / 0.1945"
