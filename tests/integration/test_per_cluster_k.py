@@ -54,12 +54,17 @@ def _calls(module, setup, m):
         yield module.retrieve(raw[row : row + 1], alpha, num)
 
 
-def _assert_same(fast, reference, setup):
+def _assert_same(fast, reference, setup, score_rtol=0.0):
     assert fast.width < reference.width  # the fast path really reads shorter lists
     for m in (1, 10, 30):
         for got, want in zip(_calls(fast, setup, m), _calls(reference, setup, m), strict=True):
-            for key in ("item_ids", "scores", "clusters"):
+            for key in ("item_ids", "clusters"):
                 np.testing.assert_array_equal(got[key].numpy(), want[key].numpy(), err_msg=key)
+            got_scores, want_scores = got["scores"].numpy(), want["scores"].numpy()
+            if score_rtol:
+                np.testing.assert_allclose(got_scores, want_scores, rtol=score_rtol)
+            else:
+                np.testing.assert_array_equal(got_scores, want_scores, err_msg="scores")
 
 
 @pytest.mark.parametrize("merge", ["score", "quota"])
@@ -73,7 +78,9 @@ def test_per_cluster_k_with_scann_indexes(setup):
         setup, setup["model_dir"], merge="score", index="scann", scann_min_size=16
     )
     assert any(isinstance(i, tfrs.layers.factorized_top_k.ScaNN) for i in fast.indexes)
-    _assert_same(fast, reference, setup)
+    # Two ScaNN builds, searched for different k, may differ in the last bit of a score
+    # (seen once in 720: 4.8e-7); the items and their order must not.
+    _assert_same(fast, reference, setup, score_rtol=1e-6)
 
 
 def test_per_cluster_k_for_a_plain_variant(setup):
