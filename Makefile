@@ -89,7 +89,8 @@ bench-compare: venv
 		--report "synthetic=bench/results/compare-issue11-synthetic.json" \
 		--strongest "Amazon Beauty=sasrec d=100, 0.1225 / 0.1759 (this grid; before it 0.1177 / 0.1740)" \
 		--strongest "Amazon Toys=sasrec default, 0.1251 / 0.1727 (this grid; before it 0.1154 / 0.1668)" \
-		--strongest "LastFM=sasrec full softmax, 0.1101 / 0.1835 (this grid); at R@50 the sasrec default run 0.1009 / 0.1972 (runs-issue11-lastfm.md); before them 0.1000 / 0.1945"
+		--strongest "LastFM=sasrec full softmax, 0.1101 / 0.1835 (this grid); at R@50 the sasrec default run 0.1009 / 0.1972 (runs-issue11-lastfm.md); before them 0.1000 / 0.1945" \
+		--strongest "synthetic=sasrec full softmax, 0.8295 / 0.9005 at M = 50 / 100 (this grid, selected on validation); the highest sasrec test R@50 in it is d=100, 0.8410; before it 0.826 / 0.8935 (tune-synthetic-30ep.md)"
 
 # Issue 12: mind and comirec-sa in their default regimes beside the earlier sasrec/dnc runs
 # (docs/multi-interest.md), and the four default regimes' throughput in one run.
