@@ -60,11 +60,11 @@ def _assert_same(fast, reference, setup, score_rtol=0.0):
         for got, want in zip(_calls(fast, setup, m), _calls(reference, setup, m), strict=True):
             for key in ("item_ids", "clusters"):
                 np.testing.assert_array_equal(got[key].numpy(), want[key].numpy(), err_msg=key)
-            got_scores, want_scores = got["scores"].numpy(), want["scores"].numpy()
-            if score_rtol:
-                np.testing.assert_allclose(got_scores, want_scores, rtol=score_rtol)
-            else:
-                np.testing.assert_array_equal(got_scores, want_scores, err_msg="scores")
+            # rtol 0 (atol 0) is exact equality, infinities and NaNs in the same places.
+            np.testing.assert_allclose(
+                got["scores"].numpy(), want["scores"].numpy(), rtol=score_rtol, atol=0,
+                err_msg="scores",
+            )  # fmt: skip
 
 
 @pytest.mark.parametrize("merge", ["score", "quota"])
