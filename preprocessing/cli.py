@@ -55,6 +55,13 @@ def add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--item2vec-dim", type=int, default=ClusteringConfig.embedding_dim)
     p.add_argument("--item2vec-epochs", type=int, default=ClusteringConfig.epochs)
     p.add_argument("--item2vec-window", type=int, default=ClusteringConfig.window)
+    p.add_argument(
+        "--item2vec-token-budget",
+        type=int,
+        default=ClusteringConfig.token_budget,
+        help="cut item2vec epochs so that epochs x training tokens stays within this (at "
+        "least one epoch; 0: no bound)",
+    )
     p.add_argument("--cluster-seed", type=int, default=ClusteringConfig.seed)
     p.add_argument("--min-rating", type=float, default=None, help="ml1m: keep ratings >= this")
     p.add_argument("--min-item-interactions", type=int, default=1)
@@ -99,6 +106,7 @@ def preprocess_config(args: argparse.Namespace, beam_args: Sequence[str]) -> Pre
         embedding_dim=args.item2vec_dim,
         window=args.item2vec_window,
         epochs=args.item2vec_epochs,
+        token_budget=args.item2vec_token_budget,
         seed=args.cluster_seed,
         kmeans_strategy=args.kmeans_strategy,
     )

@@ -234,14 +234,33 @@ def _corpus(train_sequences: Sequence[Sequence[str]], seed: int) -> List[Tuple[s
     return corpus
 
 
+def item2vec_epochs(num_tokens: int, config: ClusteringConfig) -> int:
+    """Epochs item2vec trains over ``num_tokens`` tokens under ``config.token_budget``.
+
+    ``config.epochs``, cut so that epochs x tokens stays within the budget, but
+    never below one epoch; a budget of 0 means no bound.
+    """
+    if config.token_budget == 0 or num_tokens == 0:
+        return config.epochs
+    return max(1, min(config.epochs, config.token_budget // num_tokens))
+
+
 def _item2vec(corpus: List[Tuple[str, ...]], num_tokens: int, config: ClusteringConfig) -> Word2Vec:
     """Trains item2vec deterministically (one worker, fixed seed, stable hash)."""
+    epochs = item2vec_epochs(num_tokens, config)
+    logger.info(
+        "item2vec: training %d of %d epochs on %d tokens (token_budget %d)",
+        epochs,
+        config.epochs,
+        num_tokens,
+        config.token_budget,
+    )
     model = Word2Vec(
         sg=1,
         vector_size=config.embedding_dim,
         window=config.window,
         negative=config.negative,
-        epochs=config.epochs,
+        epochs=epochs,
         min_count=1,
         sample=config.sample,
         seed=config.seed,
@@ -250,7 +269,7 @@ def _item2vec(corpus: List[Tuple[str, ...]], num_tokens: int, config: Clustering
     )
     model.build_vocab(corpus)
     with tqdm(
-        total=config.epochs,
+        total=epochs,
         desc="item2vec",
         unit="epoch",
         disable=num_tokens <= PROGRESS_MIN_TOKENS,
@@ -259,7 +278,7 @@ def _item2vec(corpus: List[Tuple[str, ...]], num_tokens: int, config: Clustering
             corpus,
             total_examples=model.corpus_count,
             total_words=num_tokens,
-            epochs=config.epochs,
+            epochs=epochs,
             callbacks=[_EpochProgress(bar)],
         )
     return model

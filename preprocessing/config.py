@@ -128,7 +128,7 @@ class ClusteringConfig:
         num_clusters: K.
         embedding_dim: item2vec vector size.
         window: item2vec (skip-gram) context window.
-        epochs: item2vec training epochs.
+        epochs: item2vec training epochs (at most; see ``token_budget``).
         negative: item2vec negative samples per positive.
         seed: seed of Word2Vec and K-means.
         sample: item2vec downsampling threshold of frequent items (gensim ``sample``;
@@ -138,6 +138,12 @@ class ClusteringConfig:
         kmeans_strategy: ``kmeans`` (scikit-learn ``KMeans``) or ``bisecting``
             (``BisectingKMeans`` splitting the largest cluster each time: more even
             cluster sizes).
+        token_budget: bound on item2vec's work, in training tokens over all epochs:
+            the epochs are cut to ``max(1, token_budget // tokens)`` when the training
+            sequences hold more than ``token_budget / epochs`` tokens (0: no bound).
+            The default keeps all 10 epochs up to 2M tokens (every public data set
+            here) and trains one epoch at 20M (KuaiRand's size), where item2vec
+            would otherwise dominate preprocessing (see docs/scale.md).
     """
 
     method: str = "kmeans"
@@ -150,8 +156,11 @@ class ClusteringConfig:
     sample: float = 1e-4
     kmeans_n_init: int = 10
     kmeans_strategy: str = "kmeans"
+    token_budget: int = 20_000_000
 
     def __post_init__(self) -> None:
+        if self.token_budget < 0:
+            raise ValueError(f"token_budget must be >= 0, got {self.token_budget}")
         if self.kmeans_strategy not in KMEANS_STRATEGIES:
             raise ValueError(
                 f"unknown kmeans_strategy {self.kmeans_strategy!r}; "

@@ -103,6 +103,10 @@ class ModelConfig:
             every history embedding, so each cluster needs its own Transformer pass) or
             ``output`` (the Transformer's output: one pass serves every cluster, the
             cost of plain SASRec).
+        prompt_rank: rank r of a per-cluster low-rank adapter added to ``dnc``'s output
+            prompt, ``h * t_k + (h A_k) B_k`` (A_k: d x r, B_k: r x d, B zero at the start):
+            a Hadamard prompt can only rescale h per dimension, the adapter can also rotate
+            it inside each cluster. 0: the Hadamard prompt alone (the paper's Eq. 5).
         num_interests: interest vectors of the multi-interest variants (``mind``,
             ``comirec-sa``; both papers use 4).
         routing_iterations: MIND's dynamic-routing iterations (the paper's 3).
@@ -124,6 +128,7 @@ class ModelConfig:
     num_experts: int = 4
     share_item_embeddings: bool = True
     prompt_position: str = "input"
+    prompt_rank: int = 0
     num_interests: int = 4
     routing_iterations: int = 3
     interest_readout: str = "hard"
@@ -140,6 +145,13 @@ class ModelConfig:
             raise ValueError(
                 f"unknown interest_readout {self.interest_readout!r}; expected one of "
                 f"{INTEREST_READOUTS}"
+            )
+        if self.prompt_rank < 0:
+            raise ValueError(f"prompt_rank must be >= 0, got {self.prompt_rank}")
+        if self.prompt_rank and self.prompt_position != "output":
+            raise ValueError(
+                f"prompt_rank {self.prompt_rank} needs prompt_position 'output', got "
+                f"{self.prompt_position!r}"
             )
         if not 0 <= self.interest_power < math.inf:
             raise ValueError(

@@ -190,6 +190,8 @@ class SASRecEncoder(tf.keras.layers.Layer):
         num_tasks: K (0 allowed only for ``none``).
         num_experts: experts of ``mmoe``.
         prompt_position: ``input`` or ``output`` (``hadamard`` only; see the module docstring).
+        prompt_rank: rank of the per-cluster low-rank adapter added to the output prompt
+            (``gate_output``); 0: none. Needs ``hadamard`` with ``prompt_position="output"``.
         item_embedding: shared ``ItemEmbedding`` (not serialised by ``get_config``;
             ``from_config`` builds its own table of ``num_items`` rows).
 
@@ -210,9 +212,18 @@ class SASRecEncoder(tf.keras.layers.Layer):
         num_experts: int = 4,
         item_embedding: Optional[ItemEmbedding] = None,
         prompt_position: str = "input",
+        prompt_rank: int = 0,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        if prompt_rank < 0:
+            raise ValueError(f"prompt_rank must be >= 0, got {prompt_rank}")
+        if prompt_rank and not (conditioning == "hadamard" and prompt_position == "output"):
+            raise ValueError(
+                f"prompt_rank {prompt_rank} needs the output Hadamard prompt, got conditioning "
+                f"{conditioning!r} with prompt_position {prompt_position!r}"
+            )
+        self.prompt_rank = prompt_rank
         if prompt_position not in PROMPT_POSITIONS:
             raise ValueError(
                 f"unknown prompt_position {prompt_position!r}; expected one of {PROMPT_POSITIONS}"
@@ -255,6 +266,18 @@ class SASRecEncoder(tf.keras.layers.Layer):
             self.task_prompts = self.add_weight(
                 name="task_prompts", shape=[self.num_tasks, self.dim], initializer="ones"
             )
+            if self.prompt_rank:
+                # LoRA-style: A random, B zero, so training starts from the Hadamard prompt.
+                self.adapter_down = self.add_weight(
+                    name="adapter_down",
+                    shape=[self.num_tasks, self.dim, self.prompt_rank],
+                    initializer=tf.keras.initializers.RandomNormal(stddev=self.dim**-0.5),
+                )
+                self.adapter_up = self.add_weight(
+                    name="adapter_up",
+                    shape=[self.num_tasks, self.prompt_rank, self.dim],
+                    initializer="zeros",
+                )
         elif self.conditioning == "concat":
             self.prompt_tokens = self.add_weight(
                 name="prompt_tokens", shape=[self.num_tasks, self.dim], initializer="glorot_uniform"
@@ -273,8 +296,22 @@ class SASRecEncoder(tf.keras.layers.Layer):
         return self.conditioning == "hadamard" and self.prompt_position == "output"
 
     def gate_output(self, h: tf.Tensor, task: tf.Tensor) -> tf.Tensor:
-        """``h * t_task`` for outputs ``h`` [B, ..., d] and tasks of shape ``h.shape[:-1]``."""
-        return h * tf.gather(self.prompts, tf.cast(task, tf.int32))
+        """``h * t_task (+ (h A_task) B_task)`` for outputs ``h`` [B, ..., d] and tasks of
+        shape ``h.shape[:-1]`` (the adapter term only with ``prompt_rank`` > 0; NO_TASK has
+        none, so it stays exactly the unprompted output)."""
+        task = tf.cast(task, tf.int32)
+        gated = h * tf.gather(self.prompts, task)
+        if not self.prompt_rank:
+            return gated
+        # Low-rank per-cluster adapter: project to every cluster's rank-r space at once
+        # ([..., K, r]), zero all but the row's own cluster (NO_TASK: all zero), and map back
+        # with one [K r, d] matmul; dense ops only (gathering per-row [r, d] matrices and their
+        # gradients cost 4x the training throughput).
+        down = tf.einsum("...d,kdr->...kr", h, self.adapter_down)
+        own = down * tf.one_hot(task, self.num_tasks, dtype=down.dtype)[..., None]
+        own = tf.reshape(own, tf.concat([tf.shape(own)[:-2], [-1]], 0))
+        up = tf.reshape(self.adapter_up, [self.num_tasks * self.prompt_rank, self.dim])
+        return gated + tf.tensordot(own, up, axes=1)
 
     def _inputs(
         self, history: tf.Tensor, task: Optional[tf.Tensor], training: Optional[bool]
@@ -352,8 +389,9 @@ class SASRecEncoder(tf.keras.layers.Layer):
         task = tf.cast(task, tf.int32)
         if task.shape.rank == 2 and task.shape[1] == 1:
             task = task[:, 0]
-        prompt = tf.gather(self.prompts, task)  # [B, d]
-        return h * (prompt[:, None, :] if h.shape.rank == 3 else prompt)
+        if h.shape.rank == 3:
+            task = tf.broadcast_to(task[:, None], tf.shape(h)[:2])
+        return self.gate_output(h, task)
 
     @_no_autograph
     def call(self, inputs: Inputs, training: Optional[bool] = None) -> tf.Tensor:
@@ -377,6 +415,7 @@ class SASRecEncoder(tf.keras.layers.Layer):
             num_tasks=self.num_tasks,
             num_experts=self.num_experts,
             prompt_position=self.prompt_position,
+            prompt_rank=self.prompt_rank,
         )
         return config
 
@@ -459,6 +498,7 @@ def build_user_tower(
         num_experts=model_config.num_experts,
         item_embedding=item_embedding,
         prompt_position=model_config.prompt_position,
+        prompt_rank=model_config.prompt_rank if conditioning == "hadamard" else 0,
         name="user_tower",
     )
 

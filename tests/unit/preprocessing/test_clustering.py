@@ -267,3 +267,37 @@ def test_bisecting_splits_the_largest_cluster() -> None:
 def test_unknown_kmeans_strategy_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown kmeans_strategy 'balanced'"):
         ClusteringConfig(kmeans_strategy="balanced")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "budget", "expected"),
+    [
+        (1_000_000, 20_000_000, 10),  # every public data set here: all 10 epochs
+        (2_000_000, 20_000_000, 10),
+        (5_000_000, 20_000_000, 4),
+        (20_141_835, 20_000_000, 1),  # KuaiRand's size: one epoch, never zero
+        (10**9, 20_000_000, 1),
+        (10**9, 0, 10),  # 0: no bound
+        (0, 20_000_000, 10),
+    ],
+)
+def test_item2vec_epochs_follow_the_token_budget(tokens: int, budget: int, expected: int) -> None:
+    config = ClusteringConfig(epochs=10, token_budget=budget)
+    assert clustering.item2vec_epochs(tokens, config) == expected
+
+
+def test_token_budget_cuts_the_epochs_of_a_real_fit(caplog) -> None:
+    sequences, items, group = planted()
+    tokens = sum(len(s) for s in sequences)
+    config = dataclasses.replace(SMALL, token_budget=3 * tokens + 1)
+    with caplog.at_level(logging.INFO, logger="preprocessing.clustering"):
+        assignment = fit_clusters(sequences, items, {}, {}, config)
+    assert f"item2vec: training 3 of 10 epochs on {tokens} tokens" in caplog.text
+    check_complete(assignment, items)
+    labels = [assignment.item_to_cluster[item] for item in items]
+    assert adjusted_rand_score([group[item] for item in items], labels) > 0.9
+
+
+def test_negative_token_budget_is_rejected() -> None:
+    with pytest.raises(ValueError, match="token_budget must be >= 0, got -1"):
+        ClusteringConfig(token_budget=-1)
