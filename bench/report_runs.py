@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,11 +56,13 @@ def collect(specs: List[str]) -> Dict[str, Any]:
     return runs
 
 
-def markdown(title: str, runs: Dict[str, Any]) -> str:
+def markdown(title: str, runs: Dict[str, Any], m: Tuple[int, int] = (20, 50)) -> str:
+    """The runs' table at the list sizes ``m`` (small, large)."""
+    a, b = m
     lines = [f"### {title}", ""]
     lines.append(
-        "| run | epochs (best) | val R@20 / R@50 (monitor) | test R@20 | test R@50 | "
-        "oracle-cluster R@20 / R@50 | intent top-1 | merge, alpha, w | targets/s |"
+        f"| run | epochs (best) | val R@{a} / R@{b} (monitor) | test R@{a} | test R@{b} | "
+        f"oracle-cluster R@{a} / R@{b} | intent top-1 | merge, alpha, w | targets/s |"
     )
     lines.append("|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for name, run in runs.items():
@@ -68,9 +70,9 @@ def markdown(title: str, runs: Dict[str, Any]) -> str:
         intent = t.get("intent_top1")
         lines.append(
             f"| {name} | {run['training']['epochs_run']} ({run['training']['best_epoch']}) | "
-            f"{v.get('val_recall@20', 0):.4f} / {v.get('val_recall@50', 0):.4f} | "
-            f"{t['recall@20']:.4f} | {t['recall@50']:.4f} | "
-            f"{t['within_cluster_recall@20']:.4f} / {t['within_cluster_recall@50']:.4f} | "
+            f"{v.get(f'val_recall@{a}', 0):.4f} / {v.get(f'val_recall@{b}', 0):.4f} | "
+            f"{t[f'recall@{a}']:.4f} | {t[f'recall@{b}']:.4f} | "
+            f"{t[f'within_cluster_recall@{a}']:.4f} / {t[f'within_cluster_recall@{b}']:.4f} | "
             f"{'-' if intent is None else f'{intent:.3f}'} | "
             f"{t['merge']}, {t['alpha']}, {t.get('prompt_weight', 1.0)} | "
             f"{run['training']['median_targets_per_second']:,.0f} |"
@@ -83,10 +85,12 @@ def main() -> None:
     parser.add_argument("--run", action="append", required=True, help="NAME=MODEL_DIR:EVAL_JSON")
     parser.add_argument("--title", required=True)
     parser.add_argument("--out", required=True, help="output path without extension")
+    parser.add_argument("--m", default="20,50", help="the two list sizes of the table")
     args = parser.parse_args()
+    small, large = (int(x) for x in args.m.split(","))
     runs = collect(args.run)
     report = {"benchmark": "runs", "title": args.title, "runs": runs, **quality.run_metadata()}
-    quality.write_outputs(args.out, report, markdown(args.title, runs))
+    quality.write_outputs(args.out, report, markdown(args.title, runs, (small, large)))
 
 
 if __name__ == "__main__":
