@@ -26,7 +26,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from preprocess import _machine, _versions  # noqa: E402
+from preprocess import _machine, _versions, add_size_arguments, synthetic_config  # noqa: E402
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -65,21 +65,13 @@ def _run(sequences, truth: Dict[str, str], epochs: int, clusters: int) -> Dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=5_166)
-    parser.add_argument("--items", type=int, default=21_605)
-    parser.add_argument("--categories", type=int, default=15)
-    parser.add_argument("--mean-length", type=int, default=780)
+    add_size_arguments(parser, users=5_166, items=21_605, categories=15, mean_length=780)
     parser.add_argument("--clusters", type=int, default=15)
     parser.add_argument("--epochs", default="1,2,5,10")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "item2vec-budget"))
     args = parser.parse_args()
 
-    data = SyntheticConfig(
-        num_users=args.users,
-        num_items=args.items,
-        num_categories=args.categories,
-        mean_length=args.mean_length,
-    )
+    data = synthetic_config(args)
     sequences, truth = _train_sequences(data)
     tokens = sum(len(s) for s in sequences)
     runs = []

@@ -52,6 +52,28 @@ def _machine() -> Dict[str, object]:
     }
 
 
+def add_size_arguments(
+    parser: argparse.ArgumentParser, *, users: int, items: int, categories: int, mean_length: int
+) -> None:
+    """The synthetic data set's size flags (``--users --items --categories --mean-length``)."""
+    parser.add_argument("--users", type=int, default=users)
+    parser.add_argument("--items", type=int, default=items)
+    parser.add_argument("--categories", type=int, default=categories)
+    parser.add_argument("--mean-length", type=int, default=mean_length)
+
+
+def synthetic_config(args: argparse.Namespace):
+    """The ``SyntheticConfig`` of the size flags of ``add_size_arguments``."""
+    from preprocessing.config import SyntheticConfig
+
+    return SyntheticConfig(
+        num_users=args.users,
+        num_items=args.items,
+        num_categories=args.categories,
+        mean_length=args.mean_length,
+    )
+
+
 def _run(mode_args: List[str], csv_path: str, out: str, clusters: int) -> Dict[str, float]:
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "dnc"),
@@ -80,25 +102,16 @@ def _run(mode_args: List[str], csv_path: str, out: str, clusters: int) -> Dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=6040)
-    parser.add_argument("--items", type=int, default=3706)
-    parser.add_argument("--categories", type=int, default=18)
-    parser.add_argument("--mean-length", type=int, default=166)
+    add_size_arguments(parser, users=6040, items=3706, categories=18, mean_length=166)
     parser.add_argument("--num-clusters", type=int, default=10)
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "results", "preprocess.json"))
     args = parser.parse_args()
 
-    from preprocessing.config import SyntheticConfig
     from preprocessing.sources.synthetic import write_csv
 
     work = tempfile.mkdtemp(prefix="dnc-bench-")
     try:
-        config = SyntheticConfig(
-            num_users=args.users,
-            num_items=args.items,
-            num_categories=args.categories,
-            mean_length=args.mean_length,
-        )
+        config = synthetic_config(args)
         csv_path = os.path.join(work, "interactions.csv")
         start = time.monotonic()
         rows = write_csv(config, csv_path)

@@ -38,9 +38,11 @@ import time
 from typing import Dict, List, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from preprocess import _machine, _versions  # noqa: E402
+from loadgen import rss_mb  # noqa: E402
+from preprocess import _machine, _versions, add_size_arguments  # noqa: E402
 
 # (phase that starts, pattern of the log line that starts it); the first phase starts
 # with the child process.
@@ -67,8 +69,8 @@ PROFILE_STAGES: List[Tuple[str, str, str]] = [
 ]
 
 
-def _tree_rss_kb(root: int) -> int:
-    """Resident memory of ``root`` and all its descendants, in KiB."""
+def _tree_pids(root: int) -> List[int]:
+    """``root`` and all its descendants, from the parent ids in ``/proc/*/stat``."""
     children: Dict[int, List[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -79,16 +81,12 @@ def _tree_rss_kb(root: int) -> int:
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(name))
-    total, todo = 0, [root]
+    pids, todo = [], [root]
     while todo:
         pid = todo.pop()
+        pids.append(pid)
         todo.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/status", encoding="utf-8") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            continue
-    return total
+    return pids
 
 
 def _watch(pid: int, log_path: str) -> Tuple[Dict[str, Dict[str, float]], int, float]:
@@ -113,7 +111,7 @@ def _watch(pid: int, log_path: str) -> Tuple[Dict[str, Dict[str, float]], int, f
                 phases[current] = {"start": time.time(), "peak_rss_mb": 0.0}
         if done:
             break
-        rss = _tree_rss_kb(pid) / 1024
+        rss = sum(rss_mb(p) or 0.0 for p in _tree_pids(pid))
         phases[current]["peak_rss_mb"] = max(phases[current]["peak_rss_mb"], round(rss, 1))
         time.sleep(0.5)
     end = time.time()
@@ -173,10 +171,7 @@ def _markdown(report: Dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=25_828)
-    parser.add_argument("--items", type=int, default=108_025)
-    parser.add_argument("--categories", type=int, default=15)
-    parser.add_argument("--mean-length", type=int, default=780)
+    add_size_arguments(parser, users=25_828, items=108_025, categories=15, mean_length=780)
     parser.add_argument("--clusters", type=int, default=15)
     parser.add_argument("--profile", action="store_true", help="run the child under cProfile")
     parser.add_argument("--keep", help="keep the preprocessing output (and the profile) here")
