@@ -89,7 +89,7 @@ class Stages:
             lambda seen: (tf.sort(seen, axis=-1), module._blocked_per_cluster(seen))
         )
         self.tower = compiled(lambda tower: module._cluster_queries(tower, tf.shape(tower)[0]))
-        self.intent = compiled(lambda tower: module.model.intent(tower, training=False))
+        self.intent = compiled(module._intent)
         self.search = [
             compiled(lambda q, k, index=index: module._search(index, q, k))
             for index in module.indexes

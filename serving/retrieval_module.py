@@ -162,6 +162,13 @@ class RetrievalModule(tf.Module):
             np.asarray(item_cluster, np.int32), trainable=False, name="item_cluster"
         )
         embeddings = model.candidate_embeddings(tf.range(model.num_items + 1)).numpy()
+        # The implied intent scores every item: keep E^T so that the request's matmul
+        # reads a stored operand instead of transposing (model.implied_intent).
+        self.implied_items_t: Optional[tf.Variable] = None
+        if getattr(model, "intent_encoder_kind", None) == "implied":
+            self.implied_items_t = tf.Variable(
+                np.ascontiguousarray(embeddings.T), trainable=False, name="implied_items_t"
+            )
         cluster = np.asarray(item_cluster)
         if self.merged:
             groups = [np.flatnonzero(cluster == c) for c in range(self.num_clusters)]
@@ -423,7 +430,7 @@ class RetrievalModule(tf.Module):
         k = self.num_clusters
         users = self._cluster_queries(tower, b)
         scores, ids = self._cluster_candidates(users, blocked, counts, num_results)
-        p = self.model.intent(tower, training=False)
+        p = self._intent(tower)
         if allowed is not None:
             scores = tf.where(allowed[:, :, None], scores, -np.inf)
             ids = tf.where(allowed[:, :, None], ids, PAD_ID)
@@ -516,11 +523,17 @@ class RetrievalModule(tf.Module):
             cluster = tf.identity(cluster)
         return {"embedding": self._user(tower, cluster)}
 
+    def _intent(self, tower: tf.Tensor) -> tf.Tensor:
+        """p_uk [B, K] of model-id histories (the implied intent against E^T)."""
+        if self.implied_items_t is None:
+            return self.model.intent(tower, training=False)
+        return self.model.intent(tower, training=False, item_embeddings_t=self.implied_items_t)
+
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.string, name="history")])
     def intent(self, history):
         """p_uk [B, K]."""
         tower, _ = self._tower_history(history)
-        return {"probabilities": self.model.intent(tower, training=False)}
+        return {"probabilities": self._intent(tower)}
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
     def predict_examples(self, examples):

@@ -40,6 +40,9 @@ def test_implied_intent_is_the_cluster_mass_of_the_global_softmax(config):
     got = model.intent(history).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-5)
+    # A serving graph's stored E^T gives the same intent (RetrievalModule.implied_items_t).
+    stored = model.intent(history, item_embeddings_t=tf.constant(items.T)).numpy()
+    np.testing.assert_allclose(stored, want, rtol=1e-5, atol=1e-6)
     # The prompts play no part: the intent reads the NO_TASK output.
     _vary_prompts(model)
     np.testing.assert_allclose(model.intent(history).numpy(), got, rtol=1e-5, atol=1e-6)
