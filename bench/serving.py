@@ -350,16 +350,17 @@ def run_benchmark(
     args: argparse.Namespace,
     measure_rows: Callable[[argparse.Namespace, str], List[Dict[str, Any]]],
     to_markdown: Callable[[Dict[str, Any]], str],
+    model: str = "bench/serving.py's synthetic catalogue and stand-in towers",
 ) -> int:
-    """Runs ``measure_rows(args, work_dir)`` on the synthetic catalogue and writes the report
-    (figures, machine, load averages, versions, settings) to ``args.out`` .json and .md."""
+    """Runs ``measure_rows(args, work_dir)`` and writes the report (figures, machine, load
+    averages, versions, settings, ``model``: what was served) to ``args.out`` .json and .md."""
     report: Dict[str, Any] = {
         "benchmark": name,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine(),
         "versions": versions(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "model": "bench/serving.py's synthetic catalogue and stand-in towers",
+        "model": model,
     }
     work = tempfile.mkdtemp(prefix=f"dnc-{name}-")
     started = time.monotonic()

@@ -25,7 +25,6 @@ Writes ``OUT.json`` and ``OUT.md``::
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -42,17 +41,26 @@ from bench.load import _metadata, latest_version_dir  # noqa: E402
 from bench.loadgen import rss_mb  # noqa: E402
 from bench.serving import (  # noqa: E402
     ChildServer,
-    machine,
     recall,
+    run_benchmark,
     run_concurrent,
     run_in_process,
     run_sequential,
     summarize,
-    versions,
-    write,
 )
 
 KINDS = ("scann", "exact")
+REPORTED_METADATA = (
+    "variant",
+    "num_items",
+    "num_clusters",
+    "cluster_sizes",
+    "embedding_dim",
+    "merge",
+    "alpha",
+    "prompt_weight",
+    "max_history",
+)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -89,7 +97,9 @@ def test_histories(data_dir: str, count: int, max_history: int, seed: int) -> Li
     return out
 
 
-def signature_phase(path: str, histories: List[np.ndarray], warmup: int) -> Dict[str, Any]:
+def signature_phase(
+    path: str, num_clusters: int, histories: List[np.ndarray], warmup: int
+) -> Dict[str, Any]:
     """In-process latency of the tower-only signatures (what a request spends before
     and besides the index searches): ``user_embedding`` (K-row prompted batch) and
     ``intent``."""
@@ -98,10 +108,9 @@ def signature_phase(path: str, histories: List[np.ndarray], warmup: int) -> Dict
     from serving.export import load_exported
 
     signatures = load_exported(path).signatures
-    k = int(_metadata(path)["num_clusters"])
     calls = {
         "user_embedding": lambda h: signatures["user_embedding"](
-            history=tf.constant(h), cluster=tf.constant([k], tf.int32)
+            history=tf.constant(h), cluster=tf.constant([num_clusters], tf.int32)
         ),
         "intent": lambda h: signatures["intent"](history=tf.constant(h)),
     }
@@ -170,19 +179,15 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
     results["recall_at_m"] = recall(lists["scann"], lists["exact"])
     results["m"] = meta["scann"]["default_num_results"]
     print(f"recall@{results['m']} ScaNN vs exact: {results['recall_at_m']}", flush=True)
-    results["signatures"] = signature_phase(paths["scann"], histories, args.warmup)
+    results["signatures"] = signature_phase(
+        paths["scann"], int(meta["scann"]["num_clusters"]), histories, args.warmup
+    )
     for kind in KINDS:
         base = os.path.dirname(paths[kind])
         row = grpc_phases(base, os.path.basename(base), histories, args)
         row["grpc_matches_in_process"] = row.pop("grpc_lists") == lists[kind][: len(histories)]
         results["exports"][kind].update(row)
-    results["metadata"] = {
-        k: meta["scann"].get(k)
-        for k in ("variant", "num_items", "num_clusters", "cluster_sizes", "embedding_dim")
-    }
-    results["metadata"].update(
-        {k: meta["scann"].get(k) for k in ("merge", "alpha", "prompt_weight", "max_history")}
-    )
+    results["metadata"] = {k: meta["scann"].get(k) for k in REPORTED_METADATA}
     results["index_plans"] = meta["scann"]["index"]
     return results
 
@@ -239,20 +244,13 @@ def markdown(report: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    report: Dict[str, Any] = {
-        "benchmark": "serving_trained",
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": machine(),
-        "versions": versions(),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
-    }
-    started = time.monotonic()
-    report["results"] = measure(args)
-    report["total_seconds"] = round(time.monotonic() - started, 1)
-    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    write(report, args.out, markdown)
-    print(f"wrote {args.out}.json and {args.out}.md")
-    return 0
+    return run_benchmark(
+        "serving_trained",
+        args,
+        lambda a, _work: measure(a),
+        markdown,
+        model=f"the exports {args.scann} and {args.exact} of one trained model",
+    )
 
 
 if __name__ == "__main__":
