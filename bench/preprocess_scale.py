@@ -20,17 +20,25 @@ Python-heavy stages more than the native ones, so use its shares, not its second
 
     .venv/bin/python bench/preprocess_scale.py [--users 25828 --items 108025 \\
         --mean-length 780 --clusters 15] [--profile] [--out bench/results/preprocess-20m] \\
+        [--portable [--sdk-worker-parallelism 1]] [--compare EARLIER_OUTPUT] \\
         [-- beam options ...]
+
+With ``--portable`` the run goes through Beam's portable job API on loopback
+(``python -m preprocessing.portable``: a job service and an external SDK worker pool,
+separate processes, all in the sampled process tree); ``--compare`` checks that the
+output holds the same data as an earlier run's (``preprocessing.output_digest``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pstats
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,8 +97,24 @@ def _tree_pids(root: int) -> List[int]:
     return pids
 
 
-def _watch(pid: int, log_path: str) -> Tuple[Dict[str, Dict[str, float]], int, float]:
-    """Samples memory until ``pid`` exits.
+def _mem_available_mb() -> float:
+    """``MemAvailable`` of ``/proc/meminfo`` in MB."""
+    with open("/proc/meminfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
+def _watch(
+    pid: int, log_path: str, min_available_mb: float
+) -> Tuple[Dict[str, Dict[str, float]], int, float]:
+    """Samples memory until ``pid`` exits, reading the phase markers from ``log_path``.
+
+    On the portable runner the stages run in the SDK worker, whose INFO lines reach
+    no log, so the run is one phase. If the machine's available memory falls below
+    ``min_available_mb``, the whole process tree is killed and the benchmark stops
+    with that message (instead of the kernel's OOM killer choosing a process).
 
     Returns:
         Seconds and peak RSS per phase, the exit code, and the child's own
@@ -111,7 +135,16 @@ def _watch(pid: int, log_path: str) -> Tuple[Dict[str, Dict[str, float]], int, f
                 phases[current] = {"start": time.time(), "peak_rss_mb": 0.0}
         if done:
             break
-        rss = sum(rss_mb(p) or 0.0 for p in _tree_pids(pid))
+        tree = _tree_pids(pid)
+        if _mem_available_mb() < min_available_mb:
+            for member in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(member, signal.SIGKILL)
+            raise SystemExit(
+                f"stopped: the machine's available memory fell below {min_available_mb} MB "
+                f"(process tree at {sum(rss_mb(p) or 0.0 for p in tree):,.0f} MB RSS)"
+            )
+        rss = sum(rss_mb(p) or 0.0 for p in tree)
         phases[current]["peak_rss_mb"] = max(phases[current]["peak_rss_mb"], round(rss, 1))
         time.sleep(0.5)
     end = time.time()
@@ -137,6 +170,24 @@ def _profile_stages(path: str) -> Dict[str, float]:
     return stages
 
 
+def _runner_line(report: Dict) -> str:
+    if report.get("runner") != "portable":
+        line = "Runner: the DirectRunner (in-process)."
+    else:
+        line = (
+            "Runner: Beam's portable job API on loopback (`python -m preprocessing.portable`: "
+            "a local job service and an external worker pool starting "
+            f"{report['settings']['sdk_worker_parallelism']} SDK worker process(es); the peak "
+            "RSS sums all of them). The stages run in the SDK worker, whose progress lines "
+            "reach no log here, so the run is one phase."
+        )
+    compare = report.get("compare")
+    if compare:
+        verdict = "identical" if compare["equal"] else f"DIFFERENT in {compare['differing']}"
+        line += f" Output vs `{compare['reference']}`: {verdict} (`preprocessing.output_digest`)."
+    return line
+
+
 def _markdown(report: Dict) -> str:
     s = report["stats"]
     lines = [
@@ -145,6 +196,8 @@ def _markdown(report: Dict) -> str:
         f"{s['users']:,} users, {s['items']:,} items, {s['interactions']:,} interactions kept, "
         f"K = {s['clusters']}; synthetic source, project defaults, {report['machine']['cpus']} "
         f"cores; {report['date']}.",
+        "",
+        _runner_line(report),
         "",
         f"Wall time {report['wall_seconds']:.0f} s ({report['wall_seconds'] / 60:.1f} min), "
         f"{s['interactions_read'] / report['wall_seconds']:,.0f} interactions/s; peak RSS "
@@ -169,22 +222,11 @@ def _markdown(report: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_arguments(parser, users=25_828, items=108_025, categories=15, mean_length=780)
-    parser.add_argument("--clusters", type=int, default=15)
-    parser.add_argument("--profile", action="store_true", help="run the child under cProfile")
-    parser.add_argument("--keep", help="keep the preprocessing output (and the profile) here")
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "preprocess-20m"))
-    args, beam_args = parser.parse_known_args()
-    beam_args = [a for a in beam_args if a != "--"]
-
-    work = tempfile.mkdtemp(prefix="dnc-scale-")
-    output = args.keep or os.path.join(work, "out")
-    log_path = os.path.join(work, "preprocess.log")
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "dnc"),
-        "--log-level=INFO",
+def _command(
+    args: argparse.Namespace, output: str, beam_args: List[str], service_logs: str
+) -> List[str]:
+    """The child's command line: ``dnc preprocess``, or the same on the portable runner."""
+    preprocess = [
         "preprocess",
         "--source=synthetic",
         f"--synthetic-users={args.users}",
@@ -195,6 +237,71 @@ def main() -> None:
         f"--output={output}",
         *beam_args,
     ]
+    if not args.portable:
+        return [
+            os.path.join(os.path.dirname(sys.executable), "dnc"),
+            "--log-level=INFO",
+            *preprocess,
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "preprocessing.portable",
+        f"--log-dir={service_logs}",
+        f"--sdk-worker-parallelism={args.sdk_worker_parallelism}",
+        "--log-level=INFO",
+        "--",
+        *preprocess[1:],
+    ]
+
+
+def _compare(output: str, reference: str) -> Dict[str, object]:
+    """Whether ``output`` holds the same data as ``reference`` (runner-independent)."""
+    from preprocessing.output_digest import output_digest
+
+    ours, theirs = output_digest(output), output_digest(reference)
+    differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    return {
+        "reference": reference,
+        "equal": not differing,
+        "differing": differing,
+        "records": {k: v for k, v in ours.items() if k.startswith("records/")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_size_arguments(parser, users=25_828, items=108_025, categories=15, mean_length=780)
+    parser.add_argument("--clusters", type=int, default=15)
+    parser.add_argument("--profile", action="store_true", help="run the child under cProfile")
+    parser.add_argument("--keep", help="keep the preprocessing output (and the profile) here")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "preprocess-20m"))
+    parser.add_argument(
+        "--portable",
+        action="store_true",
+        help="run through Beam's portable job API (python -m preprocessing.portable: a local "
+        "job service and an external SDK worker pool, separate processes)",
+    )
+    parser.add_argument("--sdk-worker-parallelism", type=int, default=1)
+    parser.add_argument(
+        "--compare",
+        metavar="DIR",
+        help="an earlier output of the same settings (e.g. the DirectRunner's): report "
+        "whether this run wrote the same data (preprocessing.output_digest)",
+    )
+    parser.add_argument(
+        "--min-available-mb",
+        type=float,
+        default=1024,
+        help="stop the run when the machine's available memory falls below this",
+    )
+    args, beam_args = parser.parse_known_args()
+    beam_args = [a for a in beam_args if a != "--"]
+
+    work = tempfile.mkdtemp(prefix="dnc-scale-")
+    output = args.keep or os.path.join(work, "out")
+    log_path = os.path.join(work, "preprocess.log")
+    command = _command(args, output, beam_args, os.path.join(work, "portable-logs"))
     profile_path = (args.keep or work).rstrip("/") + ".prof"
     if args.profile:
         command = [sys.executable, "-m", "cProfile", "-o", profile_path, *command]
@@ -202,8 +309,8 @@ def main() -> None:
     try:
         start = time.monotonic()
         with open(log_path, "w", encoding="utf-8") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-            phases, code, maxrss_mb = _watch(process.pid, log_path)
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            phases, code, maxrss_mb = _watch(process.pid, log_path, args.min_available_mb)
             process.returncode = code  # reaped by _watch
         wall = time.monotonic() - start
         if code != 0:
@@ -222,6 +329,8 @@ def main() -> None:
             "peak_rss_mb": max(p["peak_rss_mb"] for p in phases.values()),
             "ru_maxrss_mb": maxrss_mb,
             "profile": _profile_stages(profile_path) if args.profile else None,
+            "runner": "portable" if args.portable else "direct",
+            "compare": _compare(output, args.compare) if args.compare else None,
             "machine": _machine(),
             "versions": _versions(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -18,7 +18,13 @@ from typing import Optional, Sequence
 
 from pipeline import cli_pipeline
 from preprocessing import cli as preprocessing_cli
-from preprocessing.errors import EXIT_CANTCREAT, EXIT_USAGE, EmptyDataError
+from preprocessing.errors import (
+    EXIT_CANTCREAT,
+    EXIT_SOFTWARE,
+    EXIT_USAGE,
+    EmptyDataError,
+    IncompleteOutputError,
+)
 from serving import cli as serving_cli
 from trainer import cli as trainer_cli
 
@@ -119,3 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.debug("%s failed", args.command, exc_info=True)
         print(f"dnc {args.command}: error: {e}", file=sys.stderr)
         return EXIT_CANTCREAT
+    except IncompleteOutputError as e:
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"dnc {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_SOFTWARE

@@ -34,6 +34,12 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 JOB_SERVICE_MODULE = "apache_beam.runners.portability.local_job_service_main"
 WORKER_POOL_MODULE = "apache_beam.runners.worker.worker_pool_main"
 HOST = "localhost"
+# Beam 2.59's PortableRunner gives the job's state and message streams the
+# --job_server_timeout deadline (default 60 s), so a job that runs longer fails with
+# DEADLINE_EXCEEDED although it is still running (seen at 20M interactions; the same
+# as apache/beam#35867). The services here are known to listen before a job is
+# submitted, so the deadline only has to outlast the job: one day.
+JOB_SERVER_TIMEOUT_S = 24 * 3600
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -63,6 +69,7 @@ class PortableEndpoints:
             "--environment_type=EXTERNAL",
             f"--environment_config={self.worker_pool}",
             f"--sdk_worker_parallelism={self.sdk_worker_parallelism}",
+            f"--job_server_timeout={JOB_SERVER_TIMEOUT_S}",
         )
 
 

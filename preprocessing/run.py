@@ -47,6 +47,8 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessResult:
             filters or the split (nothing is written).
         OutputError: the output cannot be written (checked before the pipeline
             runs; also raised for a write or publish failure during the run).
+        IncompleteOutputError: the runner wrote fewer records than there are users
+            (nothing is published).
     """
     check_input(config.source)
     output = fileio.check_output_parent(config.output)
@@ -83,6 +85,7 @@ def _finalize(staging: str, config: PreprocessConfig, elapsed: float) -> Dict[st
         raise RuntimeError(
             f"items.tsv has {len(items)} items but the pipeline counted {stats['items']}"
         )
+    check_records(staging, stats["users"])
     stats.update(
         source=config.source.name,
         input=config.source.input,
@@ -93,6 +96,40 @@ def _finalize(staging: str, config: PreprocessConfig, elapsed: float) -> Dict[st
         json.dump(stats, f, indent=2, sort_keys=True)
         f.write("\n")
     return stats
+
+
+def count_records(output_dir: str, split: str) -> int:
+    """Records of one split over all its shards (read back from the written files)."""
+    import tensorflow as tf
+
+    files = sorted(tf.io.gfile.glob(os.path.join(output_dir, features.records_pattern(split))))
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP")
+    return int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
+
+
+def check_records(output_dir: str, users: int) -> Dict[str, int]:
+    """Every split holds one record per kept user, read back from the files.
+
+    The pipeline's counts and its record writes are separate branches of the graph,
+    so a runner that loses elements on one of them (Beam 2.59's portable runner did
+    at 20M interactions) would otherwise publish a short output whose statistics
+    look complete.
+
+    Returns:
+        Records per split.
+
+    Raises:
+        IncompleteOutputError: a split holds a different number of records.
+    """
+    counts = {split: count_records(output_dir, split) for split in features.SPLITS}
+    short = {split: n for split, n in counts.items() if n != users}
+    if short:
+        found = ", ".join(f"{split} {n:,}" for split, n in short.items())
+        raise errors.IncompleteOutputError(
+            f"the runner wrote {found} records for {users:,} users (one record per user "
+            "and split expected); the output was not published"
+        )
+    return counts
 
 
 def write_items_table(output_dir: str) -> List[List[str]]:
