@@ -154,9 +154,25 @@ def make_towers(data: Dict[str, np.ndarray], max_len: int, seed: int) -> Any:
             pooled = self._pool(history) * tf.gather(self.prompts, task)
             return tf.matmul(pooled, self.w) + tf.gather(self.pull, task)
 
-        def intent(self, history: tf.Tensor, training=False) -> tf.Tensor:
+        # Each task's vector is cheap here: no pass to share between the clusters.
+        shares_tower_pass = False
+
+        def cluster_user_embeddings(
+            self, history: tf.Tensor, with_plain: bool = False, unprompted=None
+        ) -> tf.Tensor:
+            """[B, max_len] history -> [B, K (+1), d], one ``user_embedding`` per task."""
+            del unprompted
+            rows = self.num_clusters + 1 if with_plain else self.num_clusters
+            b = tf.shape(history)[0]
+            tasks = tf.tile(tf.range(rows, dtype=tf.int32), [b])
+            users = self.user_embedding(tf.repeat(history, rows, axis=0), tasks)
+            return tf.reshape(users, [b, rows, -1])
+
+        def intent(
+            self, history: tf.Tensor, training=False, item_embeddings_t=None, unprompted=None
+        ) -> tf.Tensor:
             """[B, max_len] history -> [B, K] intent probabilities."""
-            del training
+            del training, item_embeddings_t, unprompted
             logits = tf.matmul(self._pool(history), self.centroids, transpose_b=True)
             return tf.nn.softmax(logits * self.scale, axis=-1)
 

@@ -32,7 +32,11 @@ History handling of one request (``history`` [B, n] raw ids, oldest first):
   index is asked, at call time, for ``k_c = min(num_results + h_c, cluster size)``
   candidates, where ``h_c`` is the most excluded items (history and ``exclude``) any row
   of the batch has in cluster c: dropping them still leaves ``num_results`` (or the whole
-  cluster), and no cluster can contribute more than that to the merge. The lists are then
+  cluster), and no cluster can contribute more than that to the merge. Under the quota
+  merge the quotas are known before any search (from the intent and each cluster's free
+  items, its size minus the row's distinct excluded items in it, as evaluation counts
+  them), so cluster c is asked only for ``min(max_b(quota_bc + h_bc), size_c)``, and a
+  cluster where no row has a slot is not searched at all. The lists are then
   cut to a static ``max_num_results`` for the merge. The result equals the fixed-k path
   (``per_cluster_k=False``: every index returns ``max_num_results + max_history +
   max_exclude``), tested item for item. The capacity of cluster c is the number of
@@ -61,7 +65,7 @@ from preprocessing import features, transform
 from serving.indexes import build_indexes
 from trainer.config import PAD_ID
 from trainer.interest_merge import interest_merge_tf
-from trainer.quotas import compute_quotas_tf, merge_per_cluster_tf
+from trainer.quotas import cluster_capacity_tf, compute_quotas_tf, merge_per_cluster_tf
 from trainer.score_merge import (
     blend_queries_tf,
     check_merge,
@@ -305,14 +309,16 @@ class RetrievalModule(tf.Module):
         cluster = tf.gather(self.item_cluster, blocked)  # PAD_ID -> -1 -> a zero row
         return tf.reduce_sum(tf.one_hot(cluster, self.num_clusters, dtype=tf.int32), axis=1)
 
-    def _cluster_queries(self, tower: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    def _cluster_queries(self, tower: tf.Tensor, unprompted: Optional[tf.Tensor]) -> tf.Tensor:
         """[B, K, d] query of each cluster index: the prompted user vectors, blended with
-        the unprompted one (task K) when ``prompt_weight < 1``."""
+        the unprompted one (task K) when ``prompt_weight < 1``. ``unprompted``: the
+        request's one tower pass when the model's clusters share it (else None)."""
         k = self.num_clusters
-        rows = k if self.prompt_weight == 1.0 else k + 1
-        tasks = tf.tile(tf.range(rows, dtype=tf.int32), [b])
-        users = tf.reshape(self._user(tf.repeat(tower, rows, axis=0), tasks), [b, rows, -1])
-        if rows == k:
+        with_plain = self.prompt_weight != 1.0
+        users = self.model.cluster_user_embeddings(
+            tower, with_plain=with_plain, unprompted=unprompted
+        )
+        if not with_plain:
             return users
         return blend_queries_tf(users[:, :k], users[:, k], self.prompt_weight)
 
@@ -428,9 +434,13 @@ class RetrievalModule(tf.Module):
                 self.global_index, self.num_items, tower, blocked, counts, num_results, None
             )
         k = self.num_clusters
-        users = self._cluster_queries(tower, b)
+        # One tower pass serves every cluster's query and the intent where it can.
+        shared = self.model.unprompted_embedding(tower) if self.model.shares_tower_pass else None
+        users = self._cluster_queries(tower, shared)
+        p = self._intent(tower, shared)
+        if self.merge == "quota" and self.per_cluster_k:
+            return self._serve_quotas_first(users, p, blocked, num_results, alpha, allowed)
         scores, ids = self._cluster_candidates(users, blocked, counts, num_results)
-        p = self._intent(tower)
         if allowed is not None:
             scores = tf.where(allowed[:, :, None], scores, -np.inf)
             ids = tf.where(allowed[:, :, None], ids, PAD_ID)
@@ -448,6 +458,56 @@ class RetrievalModule(tf.Module):
         quotas = compute_quotas_tf(p, num_results, alpha, capacity)
         out_ids, out_scores, out_clusters = merge_per_cluster_tf(scores, ids, quotas)
         return self._finish(out_ids, out_scores, out_clusters, num_results)
+
+    def _serve_quotas_first(self, users, p, blocked, num_results, alpha, allowed):
+        """Quota merge with the quotas fixed before any search (``_first_quotas``); each
+        cluster is searched for its ``k_c`` candidates or, with no slot, not at all."""
+        p, free, quotas, k = self._first_quotas(p, blocked, num_results, alpha, allowed)
+        found = [
+            self._search_if_asked(self.indexes[c], users[:, c], k[c])
+            for c in range(self.num_clusters)
+        ]
+        scores, ids = self._drop_blocked(*stack_lists(found), blocked)
+        merged = self._merge_quotas(scores, ids, p, free, quotas, num_results, alpha)
+        return self._finish(*merged, num_results)
+
+    def _first_quotas(self, p, blocked, num_results, alpha, allowed):
+        """(p, free, quotas, k): the quotas [B, K] from the intent ``p`` (zero outside
+        ``allowed``) and each cluster's free items ``free`` [B, K] (its size minus the
+        row's distinct excluded items in it, as ``trainer.quotas.cluster_capacity``
+        counts them in evaluation), and the candidates ``k`` [K] to ask each index for:
+        ``min(max_b(quota_bc + excluded_bc), size_c)``, 0 where no row has a slot."""
+        sizes = tf.constant(self.index_sizes, tf.int32)
+        free = cluster_capacity_tf(blocked, self.item_cluster, sizes)  # [B, K]
+        excluded = sizes[None, :] - free
+        if allowed is not None:
+            p = p * tf.cast(allowed, p.dtype)
+            free = tf.where(allowed, free, 0)
+        quotas = compute_quotas_tf(p, num_results, alpha, free)
+        none = tf.zeros_like(quotas[:1])  # the maxima of an empty batch are 0
+        wanted = tf.reduce_max(tf.concat([quotas + excluded, none], 0), 0)
+        asked = tf.reduce_max(tf.concat([quotas, none], 0), 0) > 0
+        return p, free, quotas, tf.where(asked, tf.minimum(wanted, sizes), 0)
+
+    def _merge_quotas(self, scores, ids, p, free, quotas, num_results, alpha):
+        """``merge_per_cluster_tf`` of the lists [B, K, width] with ``quotas``; should an
+        index return fewer valid candidates than its quota (ScaNN slots it could not
+        fill), the quotas are recomputed with those capacities, as the fixed-k path does."""
+        valid = tf.reduce_sum(tf.cast(ids != PAD_ID, tf.int32), axis=-1)
+        quotas = tf.cond(
+            tf.reduce_any(valid < quotas),
+            lambda: compute_quotas_tf(p, num_results, alpha, tf.minimum(free, valid)),
+            lambda: quotas,
+        )
+        return merge_per_cluster_tf(scores, ids, quotas)
+
+    def _search_if_asked(self, index, query: tf.Tensor, k: tf.Tensor):
+        """``_search`` for ``k`` > 0 candidates; k = 0 skips the index ([B, 0] lists)."""
+        if index is None:
+            return self._search(None, query)
+        return tf.cond(
+            k > 0, lambda: self._search(index, query, k), lambda: self._search(None, query)
+        )
 
     def _serve_one_index(self, index, size, tower, blocked, counts, num_results, allowed):
         """Top items of one index over ``size`` items, searched with the unprompted user
@@ -523,11 +583,12 @@ class RetrievalModule(tf.Module):
             cluster = tf.identity(cluster)
         return {"embedding": self._user(tower, cluster)}
 
-    def _intent(self, tower: tf.Tensor) -> tf.Tensor:
-        """p_uk [B, K] of model-id histories (the implied intent against E^T)."""
-        if self.implied_items_t is None:
-            return self.model.intent(tower, training=False)
-        return self.model.intent(tower, training=False, item_embeddings_t=self.implied_items_t)
+    def _intent(self, tower: tf.Tensor, unprompted: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """p_uk [B, K] of model-id histories (the implied intent against E^T);
+        ``unprompted``: their tower pass, if the caller has it."""
+        return self.model.intent(
+            tower, training=False, item_embeddings_t=self.implied_items_t, unprompted=unprompted
+        )
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.string, name="history")])
     def intent(self, history):

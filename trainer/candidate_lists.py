@@ -257,8 +257,14 @@ def weighted_batches(
 
 def _user_vectors(scorer, hist, who, k: int, conditioned: bool, with_plain: bool) -> np.ndarray:
     """User vectors [B, K, d] of every cluster (conditioned; with ``with_plain`` also the
-    unprompted task K: [B, K + 1, d]) or [B, 1, d] of task K (plain scorers)."""
+    unprompted task K: [B, K + 1, d]) or [B, 1, d] of task K (plain scorers). A scorer
+    with ``cluster_user_embeddings(history, with_plain)`` gives the conditioned ones in
+    one call (a model whose clusters share one tower pass runs it once)."""
     b = hist.shape[0]
+    every_cluster = getattr(scorer, "cluster_user_embeddings", None)
+    if conditioned and every_cluster is not None:
+        extra = {} if who is None else {"users": who}
+        return np.asarray(every_cluster(hist, with_plain, **extra), dtype=np.float32)
     if conditioned:
         tasks_per_row = k + 1 if with_plain else k
         tasks = np.tile(np.arange(tasks_per_row, dtype=np.int32), b)

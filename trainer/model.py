@@ -207,6 +207,45 @@ class RetrievalModel(tfrs.Model):
             return self.user_tower(user)
         return self.user_tower({"history": history, "task": task}, training=training)
 
+    @property
+    def shares_tower_pass(self) -> bool:
+        """True if ONE unprompted tower pass gives every cluster's user vector: towers
+        without a prompt (the vector is the same for every task) and Hadamard prompts on
+        the output (each cluster's vector is the pass gated by its prompt)."""
+        if self.variant.multi_interest or self.variant.user_tower == "mf":
+            return False
+        return not self.conditioned or getattr(self.user_tower, "late_prompt", False)
+
+    def unprompted_embedding(self, history: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """The NO_TASK user vector [B, d] (``user_embedding`` with task K)."""
+        return self._unprompted(history, training)
+
+    def cluster_user_embeddings(
+        self,
+        history: tf.Tensor,
+        with_plain: bool = False,
+        training: bool = False,
+        unprompted: Optional[tf.Tensor] = None,
+    ) -> tf.Tensor:
+        """Every cluster's user vector [B, K, d] (``with_plain``: [B, K + 1, d], the last
+        row the NO_TASK one): row k equals ``user_embedding(history, k)``.
+
+        When ``shares_tower_pass``, the tower runs once (or not at all, given its
+        ``unprompted`` output [B, d]) instead of once per cluster.
+        """
+        rows = self.num_clusters + 1 if with_plain else self.num_clusters
+        if self.shares_tower_pass:
+            h = self._unprompted(history, training) if unprompted is None else unprompted
+            h = tf.repeat(h[:, None, :], rows, axis=1)
+            if not self.conditioned:
+                return h
+            tasks = tf.broadcast_to(tf.range(rows, dtype=tf.int32), tf.shape(h)[:2])
+            return self.user_tower.gate_output(h, tasks)
+        b = tf.shape(history)[0]
+        tasks = tf.tile(tf.range(rows, dtype=tf.int32), [b])
+        users = self.user_embedding(tf.repeat(history, rows, axis=0), tasks, training=training)
+        return tf.reshape(users, [b, rows, -1])
+
     def interest_embeddings(self, history: tf.Tensor, training: bool = False) -> tf.Tensor:
         """The interests [B, I, d] of multi-interest variants (``mind``, ``comirec-sa``)."""
         if not self.variant.multi_interest:
@@ -228,20 +267,28 @@ class RetrievalModel(tfrs.Model):
         history: tf.Tensor,
         training: bool = False,
         item_embeddings_t: Optional[tf.Tensor] = None,
+        unprompted: Optional[tf.Tensor] = None,
     ) -> tf.Tensor:
         """p_uk [B, K]: which clusters the user wants next.
 
         ``item_embeddings_t``: the ``implied`` intent's item embeddings, transposed
         ``[d, N + 1]``, when the caller holds them fixed (a serving graph; see
-        ``implied_intent``). Other intent encoders ignore it.
+        ``implied_intent``). ``unprompted``: the caller's ``unprompted_embedding`` of
+        ``history``, which the ``tower`` and ``implied`` intents then read instead of
+        running the tower again. Other intent encoders ignore both.
         """
         # Baselines keep an intent head only for the extra merge column: it must
         # not change what their towers and embeddings learn.
         isolate = tf.identity if self.variant.merged else tf.stop_gradient
+        reads_tower = self.intent_encoder_kind == "implied" or (
+            self.intent_encoder_kind == "tower" and self.variant.user_tower != "mf"
+        )
+        if reads_tower and unprompted is None:
+            unprompted = self._unprompted(history, training)
         if self.intent_encoder_kind == "implied":
-            return self.implied_intent(self._unprompted(history, training), item_embeddings_t)
-        if self.intent_encoder_kind == "tower" and self.variant.user_tower != "mf":
-            rep = isolate(self._unprompted(history, training))
+            return self.implied_intent(unprompted, item_embeddings_t)
+        if reads_tower:
+            rep = isolate(unprompted)
         else:
             rep = self.intent_pooling(history, self._intent_inputs(history, isolate))
         return self.intent_head(rep)

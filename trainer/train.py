@@ -68,6 +68,13 @@ class ModelScorer:
             lambda h, t, u: model.user_embedding(h, t, u, training=False), reduce_retracing=True
         )
         self._intent = tf.function(lambda h: model.intent(h, training=False), reduce_retracing=True)
+        self._clusters = {
+            plain: tf.function(
+                lambda h, plain=plain: model.cluster_user_embeddings(h, with_plain=plain),
+                reduce_retracing=True,
+            )
+            for plain in (False, True)
+        }
         self.num_interests = 0
         if model.variant.multi_interest:
             self.num_interests = model.model_config.num_interests
@@ -89,6 +96,15 @@ class ModelScorer:
             tf.constant(task, tf.int32),
             tf.constant(users, tf.int32),
         ).numpy()
+
+    def cluster_user_embeddings(
+        self, history: np.ndarray, with_plain: bool, users: Optional[np.ndarray] = None
+    ) -> np.ndarray:
+        """``[B, K, d]`` user vectors of every cluster (``with_plain``: ``[B, K + 1, d]``),
+        one tower pass per row where the model allows (``shares_tower_pass``).
+        ``users`` is unused: conditioned towers read histories only."""
+        del users
+        return self._clusters[with_plain](tf.constant(history, tf.int32)).numpy()
 
     def intent(self, history: np.ndarray) -> Optional[np.ndarray]:
         return self._intent(tf.constant(history, tf.int32)).numpy()

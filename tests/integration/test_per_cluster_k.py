@@ -1,8 +1,10 @@
 """Per-cluster k at call time returns exactly what the fixed-k reference path returns.
 
-Each index is asked for ``num_results`` plus the excluded items of the batch in its cluster
-instead of ``max_num_results + max_history + max_exclude``; the merged lists (ids, scores,
-clusters) must not change, for both merges, with and without filters, exact and ScaNN.
+Each index is asked for ``num_results`` (the quota merge: the cluster's quota, fixed before
+the search, and clusters without one are not searched) plus the excluded items of the batch
+in its cluster instead of ``max_num_results + max_history + max_exclude``; the merged lists
+(ids, scores, clusters) must not change, for both merges, with and without filters, exact
+and ScaNN.
 """
 
 import numpy as np
@@ -56,7 +58,7 @@ def _calls(module, setup, m):
 
 def _assert_same(fast, reference, setup, score_rtol=0.0):
     assert fast.width < reference.width  # the fast path really reads shorter lists
-    for m in (1, 10, 30):
+    for m in (0, 1, 10, 30):
         for got, want in zip(_calls(fast, setup, m), _calls(reference, setup, m), strict=True):
             for key in ("item_ids", "clusters"):
                 np.testing.assert_array_equal(got[key].numpy(), want[key].numpy(), err_msg=key)
@@ -73,9 +75,10 @@ def test_per_cluster_k_equals_the_fixed_k_path(setup, merge):
     _assert_same(fast, reference, setup)
 
 
-def test_per_cluster_k_with_scann_indexes(setup):
+@pytest.mark.parametrize("merge", ["score", "quota"])
+def test_per_cluster_k_with_scann_indexes(setup, merge):
     fast, reference = _modules(
-        setup, setup["model_dir"], merge="score", index="scann", scann_min_size=16
+        setup, setup["model_dir"], merge=merge, index="scann", scann_min_size=16
     )
     assert any(isinstance(i, tfrs.layers.factorized_top_k.ScaNN) for i in fast.indexes)
     # Two ScaNN builds, searched for different k, may differ in the last bit of a score
