@@ -37,9 +37,9 @@ class IncompleteOutputError(RuntimeError):
     """The runner finished but wrote fewer records than the pipeline produced.
 
     Raised after the run, before publishing: the output directory is not replaced.
-    Seen once on Beam 2.59's portable runner at 20M interactions (a contiguous block
-    of 990 users missing from all three splits while the statistics counted them);
-    the CLI prints the message and exits with ``EXIT_SOFTWARE``.
+    Seen on Beam 2.59's portable runner at 20M interactions, in two runs of two (990
+    and 2,980 users missing from all three splits while the statistics counted them;
+    docs/scale.md); the CLI prints the message and exits with ``EXIT_SOFTWARE``.
     """
 
 
