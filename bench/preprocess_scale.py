@@ -136,15 +136,15 @@ def _watch(
         if done:
             break
         tree = _tree_pids(pid)
+        rss = sum(rss_mb(p) or 0.0 for p in tree)
         if _mem_available_mb() < min_available_mb:
             for member in tree:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(member, signal.SIGKILL)
             raise SystemExit(
                 f"stopped: the machine's available memory fell below {min_available_mb} MB "
-                f"(process tree at {sum(rss_mb(p) or 0.0 for p in tree):,.0f} MB RSS)"
+                f"(process tree at {rss:,.0f} MB RSS)"
             )
-        rss = sum(rss_mb(p) or 0.0 for p in tree)
         phases[current]["peak_rss_mb"] = max(phases[current]["peak_rss_mb"], round(rss, 1))
         time.sleep(0.5)
     end = time.time()

@@ -357,18 +357,12 @@ def markdown(report: Dict[str, Any]) -> str:
 
 def _describe_trained(args: argparse.Namespace) -> None:
     """Puts the trained catalogue's size, K and d into ``args`` (the report's settings)."""
-    import json
-
     from trainer import data
-    from trainer.train import MODEL_JSON, MODEL_SUBDIR
+    from trainer.train import read_model_json
 
     items = data.load_items(args.data)
     args.size, args.clusters = items.num_items, items.num_clusters
-    model_dir = args.model
-    if os.path.isdir(os.path.join(model_dir, MODEL_SUBDIR)):
-        model_dir = os.path.join(model_dir, MODEL_SUBDIR)
-    with open(os.path.join(model_dir, MODEL_JSON), encoding="utf-8") as f:
-        config = json.load(f)["config"]
+    config = read_model_json(args.model)["config"]
     args.dim = config["model"]["embedding_dim"]
     args.latent_dim = "trained"
     args.variant = config["variant"]

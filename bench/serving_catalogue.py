@@ -109,6 +109,7 @@ def make_towers(data: Dict[str, np.ndarray], max_len: int, seed: int) -> Any:
     import tensorflow as tf
 
     from trainer.config import PAD_ID
+    from trainer.model import user_vector_per_task
 
     class SyntheticTowers(tf.Module):
         """Stand-in for ``trainer.model.RetrievalModel`` with the interface that
@@ -163,10 +164,7 @@ def make_towers(data: Dict[str, np.ndarray], max_len: int, seed: int) -> Any:
             """[B, max_len] history -> [B, K (+1), d], one ``user_embedding`` per task."""
             del unprompted
             rows = self.num_clusters + 1 if with_plain else self.num_clusters
-            b = tf.shape(history)[0]
-            tasks = tf.tile(tf.range(rows, dtype=tf.int32), [b])
-            users = self.user_embedding(tf.repeat(history, rows, axis=0), tasks)
-            return tf.reshape(users, [b, rows, -1])
+            return user_vector_per_task(self.user_embedding, history, rows)
 
         def intent(
             self, history: tf.Tensor, training=False, item_embeddings_t=None, unprompted=None

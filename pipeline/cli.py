@@ -115,17 +115,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if extra and not getattr(args, "beam_passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # Errors the user can act on: one line and their exit code, no traceback.
+    exit_codes = (
+        ((InputError, EmptyDataError), EXIT_USAGE),
+        ((OutputError,), EXIT_CANTCREAT),
+        ((IncompleteOutputError,), EXIT_SOFTWARE),
+    )
     try:
         return args.handler(args, extra)
-    except (InputError, EmptyDataError) as e:
+    except tuple(kind for kinds, _ in exit_codes for kind in kinds) as e:
         log.debug("%s failed", args.command, exc_info=True)
         print(f"dnc {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OutputError as e:
-        log.debug("%s failed", args.command, exc_info=True)
-        print(f"dnc {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_CANTCREAT
-    except IncompleteOutputError as e:
-        log.debug("%s failed", args.command, exc_info=True)
-        print(f"dnc {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_SOFTWARE
+        return next(code for kinds, code in exit_codes if isinstance(e, kinds))

@@ -16,7 +16,7 @@ import glob
 import hashlib
 import json
 import os
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import tensorflow as tf
 
@@ -41,10 +41,15 @@ def multiset_digest(items: Iterable[bytes]) -> Dict[str, object]:
     return {"count": len(digests), "sha256": _sha256(b"".join(digests))}
 
 
+def split_records(output: str, split: str) -> Tuple[List[str], tf.data.TFRecordDataset]:
+    """The shard files of one split of a preprocessing output and their records."""
+    files = sorted(tf.io.gfile.glob(os.path.join(output, features.records_pattern(split))))
+    return files, tf.data.TFRecordDataset(files, compression_type="GZIP")
+
+
 def _records(output: str, split: str) -> Dict[str, object]:
     """A split's serialized examples over all its shards, as a multiset."""
-    files = sorted(glob.glob(os.path.join(output, features.records_pattern(split))))
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP")
+    files, dataset = split_records(output, split)
     return {"shards": len(files), **multiset_digest(r.numpy() for r in dataset)}
 
 

@@ -102,8 +102,9 @@ def count_records(output_dir: str, split: str) -> int:
     """Records of one split over all its shards (read back from the written files)."""
     import tensorflow as tf
 
-    files = sorted(tf.io.gfile.glob(os.path.join(output_dir, features.records_pattern(split))))
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP")
+    from preprocessing.output_digest import split_records
+
+    _, dataset = split_records(output_dir, split)
     return int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1))
 
 

@@ -61,7 +61,7 @@ from trainer import data, evaluation
 from trainer.alpha import alpha_to_json, check_alpha
 from trainer.config import get_variant
 from trainer.score_merge import check_merge, check_prompt_weight
-from trainer.train import MODEL_JSON, MODEL_SUBDIR, ModelScorer, load_model
+from trainer.train import ModelScorer, load_model, read_model_json
 
 log = logging.getLogger(__name__)
 
@@ -170,10 +170,7 @@ def data_fingerprint(data_dir: str) -> str:
 
 def _validation_metrics(model_dir: str) -> Dict[str, Any]:
     """The val_* logs of the best epoch (by the first val_recall) of ``model.json``."""
-    if os.path.isdir(os.path.join(model_dir, MODEL_SUBDIR)):
-        model_dir = os.path.join(model_dir, MODEL_SUBDIR)
-    with open(os.path.join(model_dir, MODEL_JSON), encoding="utf-8") as f:
-        raw = json.load(f)
+    raw = read_model_json(model_dir)
     history = raw.get("history") or []
     if not history:
         return {}

@@ -7,7 +7,7 @@ class only wires them for one variant (``trainer.config.VARIANTS``).
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +22,17 @@ from trainer.shared_negatives import SharedNegativeSampler, in_cluster_loss
 # Uniform negatives shared by every position of a batch in the global head of the
 # ``implied`` intent (one [S, d] x [d, 1024] matmul a step).
 IMPLIED_NEGATIVES = 1024
+
+
+def user_vector_per_task(
+    user_embedding: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], history: tf.Tensor, rows: int
+) -> tf.Tensor:
+    """[B, rows, d]: ``user_embedding(history, task)`` for tasks 0..rows-1, as one batch of
+    ``B * rows`` repeated histories (one tower pass per task)."""
+    b = tf.shape(history)[0]
+    tasks = tf.tile(tf.range(rows, dtype=tf.int32), [b])
+    users = user_embedding(tf.repeat(history, rows, axis=0), tasks)
+    return tf.reshape(users, [b, rows, -1])
 
 
 class RetrievalModel(tfrs.Model):
@@ -241,10 +252,9 @@ class RetrievalModel(tfrs.Model):
                 return h
             tasks = tf.broadcast_to(tf.range(rows, dtype=tf.int32), tf.shape(h)[:2])
             return self.user_tower.gate_output(h, tasks)
-        b = tf.shape(history)[0]
-        tasks = tf.tile(tf.range(rows, dtype=tf.int32), [b])
-        users = self.user_embedding(tf.repeat(history, rows, axis=0), tasks, training=training)
-        return tf.reshape(users, [b, rows, -1])
+        return user_vector_per_task(
+            lambda h, t: self.user_embedding(h, t, training=training), history, rows
+        )
 
     def interest_embeddings(self, history: tf.Tensor, training: bool = False) -> tf.Tensor:
         """The interests [B, I, d] of multi-interest variants (``mind``, ``comirec-sa``)."""

@@ -431,6 +431,29 @@ def config_from_json(raw: Dict[str, Any]) -> TrainConfig:
     return TrainConfig(**raw)
 
 
+def resolve_model_dir(model_dir: str) -> str:
+    """``MODEL_DIR/model`` when ``model_dir`` is a ``dnc train --output``, else itself."""
+    nested = os.path.join(model_dir, MODEL_SUBDIR)
+    return nested if os.path.isdir(nested) else model_dir
+
+
+def read_model_json(model_dir: str) -> Dict[str, Any]:
+    """The ``model.json`` of a trained model (``config`` and the epochs' ``history``).
+
+    Args:
+        model_dir: the ``--output`` of ``dnc train`` or its ``model`` subdirectory.
+
+    Raises:
+        ValueError: no ``model.json`` there.
+    """
+    model_dir = resolve_model_dir(model_dir)
+    path = os.path.join(model_dir, MODEL_JSON)
+    if not os.path.exists(path):
+        raise ValueError(f"{model_dir} holds no trained model ({MODEL_JSON} missing)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_model(
     model_dir: str, data_dir: Optional[str] = None
 ) -> Tuple[RetrievalModel, TrainConfig]:
@@ -441,13 +464,8 @@ def load_model(
         data_dir: preprocessing output to size the model from (default: the one
             it was trained on).
     """
-    if os.path.isdir(os.path.join(model_dir, MODEL_SUBDIR)):
-        model_dir = os.path.join(model_dir, MODEL_SUBDIR)
-    path = os.path.join(model_dir, MODEL_JSON)
-    if not os.path.exists(path):
-        raise ValueError(f"{model_dir} holds no trained model ({MODEL_JSON} missing)")
-    with open(path, encoding="utf-8") as f:
-        config = config_from_json(json.load(f)["config"])
+    model_dir = resolve_model_dir(model_dir)
+    config = config_from_json(read_model_json(model_dir)["config"])
     items = data.load_items(data_dir or config.data)
     model = build_model(config, items)
     model.load_weights(os.path.join(model_dir, WEIGHTS)).expect_partial()
