@@ -68,7 +68,8 @@ def run_setting(args: argparse.Namespace, variant: str, setting: Dict[str, Any])
     result = train(config, verbose=2)
     train_seconds = time.monotonic() - start
     start = time.monotonic()
-    report = evaluate_model(output, args.data, m_values=args.m, progress=False)
+    hits = os.path.join(output, "test-hits.npz")  # for the paired comparison
+    report = evaluate_model(output, args.data, m_values=args.m, progress=False, hits_path=hits)
     report.pop("table")
     # The deployed setting (merge, alpha and prompt weight selected on validation) scored
     # on the whole validation split: what the grid selects on.
@@ -88,6 +89,7 @@ def run_setting(args: argparse.Namespace, variant: str, setting: Dict[str, Any])
         "config": dataclasses.asdict(config),
         "validation_recall": {str(m): chosen[f"recall@{m}"] for m in args.m},
         "validation": sum(chosen[f"recall@{m}"] for m in args.m) / len(args.m),
+        "hits": hits,
         "history": [{k: e[k] for k in e if k.startswith("val_")} for e in result.history],
         "epochs_run": len(result.history),
         "train_seconds": round(train_seconds, 1),
@@ -125,6 +127,25 @@ def _merge_cell(r: Dict[str, Any]) -> str:
     return f"{r.get('merge', '-')}, alpha {r['alpha']}, w {r.get('prompt_weight', 1.0)}"
 
 
+def paired_against_sasrec(runs: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Each selected variant against the selected ``sasrec``, user by user on test
+    (``trainer.significance``): variant -> M -> the comparison. Runs without a hits file
+    (reports of older code) are left out."""
+    from trainer import significance
+
+    best = {r["variant"]: r["result"] for r in runs if r["selected"]}
+    base = best.get("sasrec", {}).get("hits")
+    out: Dict[str, Dict[str, Any]] = {}
+    for variant, result in best.items():
+        path = result.get("hits")
+        if variant == "sasrec" or not base or not path:
+            continue
+        if os.path.exists(path) and os.path.exists(base):
+            found = significance.compare_files(path, base)
+            out[variant] = {str(m): c.to_json() for m, c in found.items()}
+    return out
+
+
 def markdown(report: Dict[str, Any]) -> str:
     """Selected settings first (with the relative gap to the best sasrec), then every run."""
     ms = report["settings"]["m"]
@@ -151,7 +172,14 @@ def markdown(report: Dict[str, Any]) -> str:
             lines += ["", f"{other} vs the selected sasrec (relative, test):"]
             for m in ms:
                 ours, base = best[other][f"recall@{m}"], best["sasrec"][f"recall@{m}"]
-                lines.append(f"- R@{m}: {ours:.4f} vs {base:.4f} ({100 * (ours / base - 1):+.1f}%)")
+                line = f"- R@{m}: {ours:.4f} vs {base:.4f} ({100 * (ours / base - 1):+.1f}%)"
+                paired = report.get("paired", {}).get(other, {}).get(str(m))
+                if paired:
+                    line += (
+                        f"; paired 95% interval [{paired['ci_low']:+.1%}, "
+                        f"{paired['ci_high']:+.1%}], McNemar p {paired['p_value']:.2g}"
+                    )
+                lines.append(line)
     if report.get("strongest_baseline"):
         strongest = report["strongest_baseline"]
         lines += ["", f"Strongest baseline ever measured on this data: {strongest}"]
@@ -172,6 +200,7 @@ def write_report(args: argparse.Namespace, runs: List[Dict[str, Any]], final: bo
         "selected": selected,
         "strongest_baseline": args.strongest_baseline,
         "runs": runs,
+        "paired": paired_against_sasrec(runs) if final else {},
         **quality.run_metadata(),
     }
     quality.write_outputs(args.out, report, markdown(report))

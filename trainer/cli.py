@@ -130,6 +130,12 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--split", default="test", choices=("test", "validation"))
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--hits",
+        default=None,
+        help="also write each user's hit at every M here (.npz), for paired comparisons "
+        "(bench/paired.py)",
+    )
     p.set_defaults(handler=run_evaluate)
 
 
@@ -191,7 +197,7 @@ def run_evaluate(args: argparse.Namespace, extra: List[str]) -> int:
         report = evaluate_model(
             args.model, args.data, m_values=args.m, alpha=args.alpha, split=args.split,
             merge=args.merge, diversity_lambda=args.diversity_lambda,
-            prompt_weight=args.prompt_weight,
+            prompt_weight=args.prompt_weight, hits_path=args.hits,
         )  # fmt: skip
     except ValueError as e:
         print(f"dnc evaluate: invalid configuration: {e}", file=sys.stderr)
@@ -205,4 +211,6 @@ def run_evaluate(args: argparse.Namespace, extra: List[str]) -> int:
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
+    if args.hits:
+        print(f"wrote {args.hits}")
     return 0

@@ -17,6 +17,7 @@ from preprocessing import features
 from trainer import data, evaluation
 from trainer.alpha import alpha_to_json
 from trainer.config import get_variant
+from trainer.significance import write_hits
 from trainer.train import ModelScorer, load_model
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ def evaluate_model(
     merge: Optional[str] = None,
     diversity_lambda: float = 0.0,
     prompt_weight: Optional[float] = None,
+    hits_path: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Evaluates a trained model; returns the flat JSON of the contract.
 
@@ -53,6 +55,8 @@ def evaluate_model(
         prompt_weight: the score merge's blend of prompted and unprompted queries
             (``trainer.score_merge``); None selects it on validation with the merge
             and alpha (1 when both of those are given).
+        hits_path: also write each user's hit at every M here (``.npz``,
+            ``trainer.significance.write_hits``) for paired comparisons.
 
     Raises:
         ValueError: ``diversity_lambda`` for a single-vector variant, or below 0.
@@ -125,6 +129,12 @@ def evaluate_model(
         "prompt_weight": prompt_weight,
         "table": result.format_table(),
     }
+    if hits_path is not None:
+        write_hits(
+            hits_path, held_out.users, result.hits, model=model_dir, data=data_dir,
+            split=split, variant=config.variant, merge=str(merge), alpha=str(alpha),
+            prompt_weight=str(prompt_weight),
+        )  # fmt: skip
     return report
 
 

@@ -241,6 +241,7 @@ def evaluate(
         intent_top3=means["intent_top3"] if has_intent else None,
         diversity_lambda=lam,
         cluster_recall=cluster_recall,
+        hits={m: np.concatenate(parts[f"recall@{m}"]).astype(bool) for m in ms},
     )
 
 

@@ -179,6 +179,9 @@ class EvaluationResult:
             of the interests' lists (0: by score).
         cluster_recall: Recall at the largest M of the users whose held-out item is in
             each cluster (cluster id -> recall; clusters without such users are absent).
+        hits: M -> ``[users]`` bool, whether each user's held-out item is in the returned
+            list, in the order the users were given (``recall[m]`` is its mean). Not part
+            of :meth:`to_json`; ``trainer.significance`` compares two models with it.
     """
 
     users: int
@@ -195,6 +198,9 @@ class EvaluationResult:
     merge: str = "quota"
     diversity_lambda: float = 0.0
     cluster_recall: Optional[Dict[int, float]] = None
+    hits: Optional[Dict[int, np.ndarray]] = dataclasses.field(
+        default=None, compare=False, repr=False
+    )
 
     def to_json(self) -> Dict[str, object]:
         """Flat JSON-safe dict (``recall@20``, ..., ``alpha``; an infinite alpha is ``"inf"``)."""

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from pipeline.cli import main
 from pipeline.evaluator import popularity_recall
-from trainer import data, sequence_data
+from trainer import data, sequence_data, significance
 from trainer.config import VARIANTS, ModelConfig, TrainConfig, make_train_config
 from trainer.train import MONITOR, ModelScorer, load_model, train
 
@@ -122,9 +122,14 @@ def test_cli_train_then_evaluate_writes_the_contract_json(tiny_data, tmp_path):
     assert main(common + train_args) == 0
     out = str(tmp_path / "eval.json")
     eval_args = ["evaluate", f"--data={tiny_data}", f"--model={model_dir}", "--m=5,10"]
-    assert main(common + eval_args + [f"--json={out}"]) == 0
+    hits = str(tmp_path / "hits.npz")
+    assert main(common + eval_args + [f"--json={out}", f"--hits={hits}"]) == 0
     with open(out) as f:
         report = json.load(f)
+    per_user = significance.read_hits(hits)
+    assert per_user.users.size == report["users"] and per_user.meta["variant"] == "dnc"
+    for m in (5, 10):  # the recall is the mean of the per-user hits
+        assert per_user.hits[m].mean() == pytest.approx(report[f"recall@{m}"])
     for key in ("recall@5", "recall@10", "within_cluster_recall@5", "alpha", "variant", "users"):
         assert key in report
     assert report["variant"] == "dnc" and report["users"] == 300

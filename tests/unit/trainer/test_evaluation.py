@@ -148,6 +148,8 @@ def test_recall_and_within_match_brute_force(scorer, data, quotas, merged):
         assert result.recall[m] == pytest.approx(_recall(lists, targets))
         within = _brute_within(scorer, histories, exclude, item_cluster, targets, m, merged)
         assert result.within_cluster_recall[m] == pytest.approx(within)
+        hit = np.array([t in row for t, row in zip(targets, lists, strict=True)])
+        assert np.array_equal(result.hits[m], hit)  # per user, in the given order
         got = retrieve(scorer, histories, exclude, item_cluster, m, alpha=1.0, merged=merged)
         for row, ref in zip(got, lists, strict=True):
             assert sorted(row[row != PAD]) == sorted(ref)
