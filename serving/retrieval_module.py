@@ -170,8 +170,9 @@ class RetrievalModule(tf.Module):
         # reads a stored operand instead of transposing (model.implied_intent).
         self.implied_items_t: Optional[tf.Variable] = None
         if getattr(model, "intent_encoder_kind", None) == "implied":
+            ordered = embeddings[model.intent_item_order]  # the intent's cluster order
             self.implied_items_t = tf.Variable(
-                np.ascontiguousarray(embeddings.T), trainable=False, name="implied_items_t"
+                np.ascontiguousarray(ordered.T), trainable=False, name="implied_items_t"
             )
         cluster = np.asarray(item_cluster)
         if self.merged:

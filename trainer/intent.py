@@ -11,7 +11,7 @@ model uses the Transformer with the NO_TASK prompt instead.
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -80,3 +80,34 @@ class PooledHistoryEncoder(tf.keras.layers.Layer):
             "dim": self.dim,
             "recency": self.recency,
         }
+
+
+def cluster_order(item_cluster: np.ndarray, num_clusters: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The real items (ids 1..N) grouped by cluster, for :func:`cluster_mass`.
+
+    Returns:
+        ``order`` [N] int32: item ids sorted by cluster, item order kept inside a cluster
+        (a stable sort), and ``segments`` [N] int32: their clusters, non-decreasing.
+        Items outside ``[0, num_clusters)`` come last with segment ``num_clusters``:
+        they count in a softmax's normaliser but in no cluster's mass.
+    """
+    clusters = np.asarray(item_cluster, np.int64)[1:]
+    key = np.where((clusters >= 0) & (clusters < num_clusters), clusters, num_clusters)
+    order = np.argsort(key, kind="stable")
+    return (order + 1).astype(np.int32), key[order].astype(np.int32)
+
+
+def cluster_mass(logits: tf.Tensor, segments: tf.Tensor, num_clusters: int) -> tf.Tensor:
+    """p(k) [B, K] = the softmax mass of each cluster, for ``logits`` [B, N] over the
+    items in :func:`cluster_order` (``segments`` its second output).
+
+    Why not ``unsorted_segment_sum`` over item-id order: with the items grouped, each
+    cluster's sum is one contiguous run (``segment_sum``), adding the same values in the
+    same order per cluster. At 108K items the served intent went from 5.5 to 2.6 ms
+    (docs/scale.md, run 6).
+    """
+    probs = tf.nn.softmax(logits, axis=-1)
+    # segment_sum's rows end at the largest segment present: pad empty last clusters.
+    mass = tf.math.segment_sum(tf.transpose(probs), segments)
+    mass = tf.pad(mass, [[0, num_clusters + 1 - tf.shape(mass)[0]], [0, 0]])
+    return tf.ensure_shape(tf.transpose(mass[:num_clusters]), [None, num_clusters])

@@ -15,7 +15,7 @@ import tensorflow_recommenders as tfrs
 
 from trainer import data, losses, towers
 from trainer.config import INTENT_ENCODERS, SOFTMAX_SCOPES, ModelConfig, Variant
-from trainer.intent import PooledHistoryEncoder
+from trainer.intent import PooledHistoryEncoder, cluster_mass, cluster_order
 from trainer.multi_interest import MultiInterestEncoder
 from trainer.shared_negatives import SharedNegativeSampler, in_cluster_loss
 
@@ -164,6 +164,11 @@ class RetrievalModel(tfrs.Model):
             raise ValueError(f"the {intent_encoder} intent encoder needs item_cluster")
         if intent_encoder == "implied" and variant.user_tower == "mf":
             raise ValueError("the implied intent needs a sequence tower, not mf")
+        if intent_encoder == "implied":
+            order, segments = cluster_order(item_cluster, num_clusters)
+            self.intent_item_order = order  # the implied intent's item order (numpy)
+            self._intent_items = tf.constant(order)
+            self._intent_segments = tf.constant(segments)
         if intent_encoder == "pooled-clusters":
             self.cluster_embedding = tf.keras.layers.Embedding(num_clusters, dim)
         self.global_loss = losses.SampledSoftmaxLoss()
@@ -322,24 +327,18 @@ class RetrievalModel(tfrs.Model):
         """p(k | u) [B, K] = sum over cluster k's items of ``softmax_i(h . e_i)``, for
         unprompted outputs h [B, d] (the global head's softmax over all items).
 
-        A serving graph passes the item embeddings already transposed,
-        ``item_embeddings_t`` [d, N + 1]: on CPU, ``h E^T`` with ``transpose_b`` is about
-        6x slower for one request than ``h`` times a stored ``E^T`` (11 vs 1.9 ms at
-        108K x 100); the ``intent`` signature went from 16 to 8-9 ms (docs/scale.md).
+        The items are scored in cluster order (``intent_item_order``, see
+        ``trainer.intent.cluster_mass``). A serving graph passes their embeddings already
+        transposed, ``item_embeddings_t`` [d, N] in that order: on CPU, ``h E^T`` with
+        ``transpose_b`` is about 6x slower for one request than ``h`` times a stored
+        ``E^T`` (11 vs 1.9 ms at 108K x 100; docs/scale.md).
         """
         if item_embeddings_t is None:
-            candidates = self.candidate_embeddings(tf.range(self.num_items + 1))
-            logits = tf.matmul(unprompted, candidates, transpose_b=True)  # [B, N + 1]
+            candidates = self.candidate_embeddings(self._intent_items)
+            logits = tf.matmul(unprompted, candidates, transpose_b=True)  # [B, N]
         else:
             logits = tf.matmul(unprompted, item_embeddings_t)
-        real = tf.range(self.num_items + 1)[None, :] > 0
-        logits = tf.where(real, logits, tf.fill(tf.shape(logits), float("-inf")))
-        probs = tf.nn.softmax(logits, axis=-1)
-        # PAD_ID's cluster is -1: unsorted_segment_sum drops it.
-        mass = tf.math.unsorted_segment_sum(
-            tf.transpose(probs), self._item_cluster, self.num_clusters
-        )
-        return tf.transpose(mass)
+        return cluster_mass(logits, self._intent_segments, self.num_clusters)
 
     def global_head_loss(
         self,

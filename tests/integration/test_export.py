@@ -364,3 +364,14 @@ def test_implied_intent_export_matches_the_exact_evaluation_path(tiny_data, requ
         .numpy()
     )
     np.testing.assert_allclose(intent.sum(axis=1), 1.0, rtol=1e-5)  # cluster masses
+    # The quota merge computes its quotas from the same intent in the graph (static K).
+    path = export_model(model_dir, tiny_data, str(tmp_path / "dnc-quota"), merge="quota",
+                        alpha=1.0, **BRUTE)  # fmt: skip
+    out = _serve(load_exported(path), requests["raw"], 1.0, m)
+    reference = _reference(
+        tiny_data, {"model_dir": model_dir}, requests, m, BRUTE["max_history"],
+        merge="quota", alpha=1.0,
+    )  # fmt: skip
+    served = _to_model_ids(requests["items"], out["item_ids"])
+    for row in range(USERS):  # quota lists: the same items (served best first)
+        assert set(served[row]) == set(reference[row]), row

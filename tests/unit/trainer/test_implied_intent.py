@@ -17,6 +17,7 @@ from tests.unit.trainer.test_allpos import (
     _vary_prompts,
 )
 from trainer.config import VARIANTS
+from trainer.intent import cluster_mass, cluster_order
 from trainer.model import RetrievalModel
 
 RNG = np.random.default_rng(3)
@@ -40,9 +41,11 @@ def test_implied_intent_is_the_cluster_mass_of_the_global_softmax(config):
     got = model.intent(history).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-5)
-    # A serving graph's stored E^T gives the same intent (RetrievalModule.implied_items_t).
-    stored = model.intent(history, item_embeddings_t=tf.constant(items.T)).numpy()
-    np.testing.assert_allclose(stored, want, rtol=1e-5, atol=1e-6)
+    # A serving graph's stored E^T, in the intent's item order, gives the same intent
+    # (RetrievalModule.implied_items_t; the two matmul kernels may differ in the last bit).
+    ordered = tf.constant(items[model.intent_item_order].T)
+    stored = model.intent(history, item_embeddings_t=ordered).numpy()
+    np.testing.assert_allclose(stored, got, rtol=1e-6, atol=1e-7)
     # The prompts play no part: the intent reads the NO_TASK output.
     _vary_prompts(model)
     np.testing.assert_allclose(model.intent(history).numpy(), got, rtol=1e-5, atol=1e-6)
@@ -123,3 +126,40 @@ def test_sequence_intent_equals_per_prefix_implied_intent():
         prefix[L - 1 - j :] = history[r, : j + 1]
         want = model.intent(prefix[None]).numpy()[0]
         np.testing.assert_allclose(got[r, j], want, rtol=1e-4, atol=1e-6)
+
+
+def test_cluster_order_groups_items_and_keeps_their_order():
+    item_cluster = np.array([-1, 2, 0, 2, 1, 0, 7, -3, 1], np.int32)  # 7 and -3: no cluster
+    order, segments = cluster_order(item_cluster, 3)
+    np.testing.assert_array_equal(order, [2, 5, 4, 8, 1, 3, 6, 7])
+    np.testing.assert_array_equal(segments, [0, 0, 1, 1, 2, 2, 3, 3])
+
+
+def test_cluster_mass_against_numpy_with_items_in_no_cluster():
+    item_cluster = np.array([-1, 2, 0, 2, 1, 0, 7, -3, 1], np.int32)
+    order, segments = cluster_order(item_cluster, 3)
+    logits = RNG.normal(size=(4, 8)).astype(np.float32)  # item ids 1..8
+    probs = _softmax(logits)
+    want = np.stack([probs[:, item_cluster[1:] == k].sum(1) for k in range(3)], axis=1)
+    got = cluster_mass(tf.constant(logits[:, order - 1]), tf.constant(segments), 3).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # The two items in no cluster keep their share of the normaliser out of every mass.
+    np.testing.assert_allclose(got.sum(1), 1 - probs[:, 5:7].sum(1), rtol=1e-6)
+
+
+def test_cluster_mass_keeps_empty_last_clusters_and_a_static_k():
+    item_cluster = np.array([-1, 0, 1, 0, 1], np.int32)  # clusters 2 and 3 are empty
+    order, segments = cluster_order(item_cluster, 4)
+    logits = RNG.normal(size=(3, 4)).astype(np.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32)])
+    def mass(x):
+        return cluster_mass(x, tf.constant(segments), 4)
+
+    assert mass.get_concrete_function().structured_outputs.shape.as_list() == [None, 4]
+    got = mass(tf.constant(logits[:, order - 1])).numpy()
+    probs = _softmax(logits)
+    np.testing.assert_allclose(
+        got[:, :2], np.stack([probs[:, [0, 2]].sum(1), probs[:, [1, 3]].sum(1)], 1), rtol=1e-6
+    )
+    np.testing.assert_array_equal(got[:, 2:], 0.0)
