@@ -204,6 +204,8 @@ def pooled_comparison(
     """
     if not pairs:
         raise ValueError("pooled_comparison needs at least one pair")
+    if len(pairs) == 1:
+        return paired_comparison(*pairs[0], confidence, n_resamples, seed)
     a = np.stack([np.asarray(x, dtype=bool) for x, _ in pairs], axis=1)  # [U, seeds]
     b = np.stack([np.asarray(y, dtype=bool) for _, y in pairs], axis=1)
     _check_pair(a.reshape(-1), b.reshape(-1))
@@ -218,7 +220,7 @@ def pooled_comparison(
         confidence=confidence,
         only_a=int(np.sum(a & ~b)),
         only_b=int(np.sum(~a & b)),
-        p_value=None if len(pairs) > 1 else mcnemar_p(int(np.sum(a & ~b)), int(np.sum(~a & b))),
+        p_value=None,
         seeds=len(pairs),
     )
 
