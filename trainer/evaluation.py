@@ -216,7 +216,8 @@ def evaluate(
             add(f"entropy@{m}", entropy)
 
     users = data.histories.shape[0]
-    hits_at_m = np.concatenate(parts[f"recall@{max(ms)}"])
+    hits = {m: np.concatenate(parts[f"recall@{m}"]).astype(bool) for m in ms}
+    hits_at_m = hits[max(ms)]
     target_cluster = np.concatenate(parts.pop("target_cluster")).astype(np.int64)
     cluster_recall = {
         int(c): float(hits_at_m[target_cluster == c].mean()) for c in np.unique(target_cluster)
@@ -241,7 +242,7 @@ def evaluate(
         intent_top3=means["intent_top3"] if has_intent else None,
         diversity_lambda=lam,
         cluster_recall=cluster_recall,
-        hits={m: np.concatenate(parts[f"recall@{m}"]).astype(bool) for m in ms},
+        hits=hits,
     )
 
 

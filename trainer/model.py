@@ -166,7 +166,6 @@ class RetrievalModel(tfrs.Model):
             raise ValueError("the implied intent needs a sequence tower, not mf")
         if intent_encoder == "implied":
             order, segments = cluster_order(item_cluster, num_clusters)
-            self.intent_item_order = order  # the implied intent's item order (numpy)
             self._intent_items = tf.constant(order)
             self._intent_segments = tf.constant(segments)
         if intent_encoder == "pooled-clusters":
@@ -232,6 +231,12 @@ class RetrievalModel(tfrs.Model):
             return False
         return not self.conditioned or getattr(self.user_tower, "late_prompt", False)
 
+    @property
+    def intent_item_order(self) -> np.ndarray:
+        """The ``implied`` intent's item ids [N] in the order it scores them (grouped by
+        cluster, ``trainer.intent.cluster_order``): the columns of a stored ``E^T``."""
+        return self._intent_items.numpy()
+
     def unprompted_embedding(self, history: tf.Tensor, training: bool = False) -> tf.Tensor:
         """The NO_TASK user vector [B, d] (``user_embedding`` with task K)."""
         return self._unprompted(history, training)
@@ -287,8 +292,8 @@ class RetrievalModel(tfrs.Model):
         """p_uk [B, K]: which clusters the user wants next.
 
         ``item_embeddings_t``: the ``implied`` intent's item embeddings, transposed
-        ``[d, N + 1]``, when the caller holds them fixed (a serving graph; see
-        ``implied_intent``). ``unprompted``: the caller's ``unprompted_embedding`` of
+        ``[d, N]`` in ``intent_item_order``, when the caller holds them fixed (a serving
+        graph; see ``implied_intent``). ``unprompted``: the caller's ``unprompted_embedding`` of
         ``history``, which the ``tower`` and ``implied`` intents then read instead of
         running the tower again. Other intent encoders ignore both.
         """
