@@ -127,7 +127,8 @@ bench-scann-sweep: venv
 bench-defaults: venv
 	$(BIN)/dnc preprocess --source synthetic --synthetic-users 6040 --synthetic-items 3706 \
 		--synthetic-mean-length 165 --output runs/synthetic-ml1m
-	$(BIN)/python bench/defaults.py --data runs/synthetic-ml1m --out bench/results/defaults-ml1m
+	$(BIN)/python bench/defaults.py --data runs/synthetic-ml1m --convergence-variants dnc \
+		--out bench/results/defaults-ml1m-issue11-lr-decay
 
 bench-serving: venv
 	$(BIN)/python bench/serving.py

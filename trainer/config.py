@@ -14,13 +14,11 @@ Conventions shared by every trainer module:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 from typing import Any, Dict, Optional, Tuple
 
-from preprocessing.features import STATS_FILE
+from trainer.sizing import sized_defaults
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +221,9 @@ class TrainConfig:
         epochs: maximum epochs.
         batch_size: samples per step.
         learning_rate: Adam learning rate.
+        lr_decay: factor the learning rate is multiplied by after each epoch without
+            validation improvement (Keras ``ReduceLROnPlateau`` on the early-stopping
+            monitor, from the epoch early stopping starts watching); 1.0: a constant rate.
         shuffle_buffer: tf.data shuffle buffer of samples.
         steps_per_epoch: cap on steps per epoch (None: one pass over the samples).
         eval_m: list sizes M for validation recall (their mean drives early stopping).
@@ -252,6 +253,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 128
     learning_rate: float = 1e-3
+    lr_decay: float = 1.0
     shuffle_buffer: int = 100_000
     steps_per_epoch: Optional[int] = None
     eval_m: Tuple[int, ...] = (20, 50)
@@ -281,6 +283,8 @@ class TrainConfig:
             raise ValueError("shared_negatives needs a sampled loss (bce, sampled-softmax)")
         if self.shared_negatives and get_variant(self.variant).sampler == "mixed":
             raise ValueError(f"shared_negatives has no mixed sampler ({self.variant})")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.min_steps < 0:
             raise ValueError(f"min_steps must be >= 0, got {self.min_steps}")
         if self.length_buckets < 0:
@@ -348,10 +352,8 @@ _DEFAULT: Dict[str, Any] = {
 # on the ML-1M-sized set and above the sampled one on Beauty validation (section 10).
 # Its embeddings are 100-wide: the point selected on validation in dnc's grid on both
 # Amazon Beauty and Amazon Toys (for sasrec, 100 won on Beauty and 50 on Toys: kept at 50).
-# Below SMALL_DATA_INTERACTIONS interactions (the preprocessing's stats.json) dnc's default
-# embeddings are SMALL_DATA_DIM wide instead: on LastFM (52K interactions) 50 beat 100 on
-# validation for dnc (+5% / +13% R@20 / R@50) and for sasrec (+9% / +12%), while on the Amazon
-# sets (167K-198K) 100 won for dnc (section 10). An explicit --dim always wins.
+# On small and on large data dnc's width and learning rate follow the data size
+# (trainer.sizing: d=50 below 100K interactions, rate 3e-3 decayed on plateaus from 500K).
 # The plain (unmerged) variants keep a cheap stop-gradient intent head, only for the extra
 # merge column of their reports.
 _PLAIN_INTENT: Dict[str, Any] = {
@@ -365,35 +367,6 @@ _DEFAULT_BY_VARIANT: Dict[str, Dict[str, Any]] = {
     },
     **{v: _PLAIN_INTENT for v in ("mf", "sasrec", "sasrec-mixed", "mind", "comirec-sa")},
 }
-SMALL_DATA_INTERACTIONS = 100_000
-SMALL_DATA_DIM = 50
-_SIZED_BY_DATA = ("dnc",)
-
-
-def data_interactions(data: str) -> Optional[int]:
-    """Interactions kept by the preprocessing of ``data`` (its ``stats.json``), or None
-    where ``data`` is not (yet) a preprocessing output, as when a config is checked
-    before any data exists."""
-    path = os.path.join(data, STATS_FILE) if data else ""
-    if not path or not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        stats = json.load(f)
-    if "interactions" not in stats:
-        raise ValueError(f"{path} has no 'interactions' count; rerun dnc preprocess")
-    return int(stats["interactions"])
-
-
-def default_embedding_dim(variant: str, preset: str, data: str) -> Optional[int]:
-    """The data-sized default embedding width of ``variant`` (None: the regime's own):
-    ``SMALL_DATA_DIM`` for dnc's default regime on fewer than ``SMALL_DATA_INTERACTIONS``
-    interactions."""
-    if preset != "default" or variant not in _SIZED_BY_DATA:
-        return None
-    interactions = data_interactions(data)
-    if interactions is None or interactions >= SMALL_DATA_INTERACTIONS:
-        return None
-    return SMALL_DATA_DIM
 
 
 def regime(variant: str, preset: str = "default") -> Dict[str, Any]:
@@ -443,17 +416,13 @@ def make_train_config(
         raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     model = values.get("model", ModelConfig())
-    explicit = (model_overrides or {}).get("embedding_dim") is not None
-    sized = None if explicit else default_embedding_dim(variant, preset, data)
-    if sized is not None:
-        log.info(
-            "%s: fewer than %d interactions in %s, embeddings %d wide (--dim overrides)",
-            variant,
-            SMALL_DATA_INTERACTIONS,
-            data,
-            sized,
-        )
-        model = dataclasses.replace(model, embedding_dim=sized)
+    given = {**overrides, **(model_overrides or {})}
+    sized = {k: v for k, v in sized_defaults(variant, preset, data).items() if given.get(k) is None}
+    if sized:
+        log.info("%s: defaults sized by %s: %s (flags override)", variant, data, sized)
+        if "embedding_dim" in sized:
+            model = dataclasses.replace(model, embedding_dim=sized.pop("embedding_dim"))
+        values.update(sized)
     if model_overrides:
         model = dataclasses.replace(
             model, **{k: v for k, v in model_overrides.items() if v is not None}

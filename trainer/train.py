@@ -268,6 +268,22 @@ def early_stopping_start(min_steps: int, steps_per_epoch: int) -> int:
     return math.ceil(min_steps / steps_per_epoch)
 
 
+class ReduceLROnPlateauFrom(tf.keras.callbacks.ReduceLROnPlateau):
+    """Keras ``ReduceLROnPlateau`` that, like ``EarlyStopping(start_from_epoch=...)``,
+    ignores the epochs before ``start_from_epoch`` (0-based): early stalls of small data
+    sets must not cut the rate (``TrainConfig.min_steps``)."""
+
+    def __init__(self, start_from_epoch: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.start_from_epoch = start_from_epoch
+
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict[str, float]] = None) -> None:
+        if epoch >= self.start_from_epoch:
+            super().on_epoch_end(epoch, logs)
+        elif logs is not None:  # the parent logs the rate every epoch: keep history square
+            logs["lr"] = float(tf.keras.backend.get_value(self.model.optimizer.learning_rate))
+
+
 def _callbacks(
     config: TrainConfig,
     items: data.ItemsTable,
@@ -281,6 +297,14 @@ def _callbacks(
         max_users=config.eval_users,
         seed=config.seed,
     )
+    start = early_stopping_start(config.min_steps, steps_per_epoch)
+    decay: List[tf.keras.callbacks.Callback] = []
+    if config.lr_decay < 1.0:
+        decay.append(
+            ReduceLROnPlateauFrom(
+                start, monitor=MONITOR, mode="max", factor=config.lr_decay, patience=1, verbose=1
+            )
+        )
     return [
         ValidationRecall(
             validation,
@@ -296,8 +320,9 @@ def _callbacks(
             mode="max",
             patience=config.patience,
             restore_best_weights=True,
-            start_from_epoch=early_stopping_start(config.min_steps, steps_per_epoch),
+            start_from_epoch=start,
         ),
+        *decay,
         tf.keras.callbacks.TensorBoard(os.path.join(config.output, "logs"), write_graph=False),
     ]
 

@@ -42,7 +42,7 @@ class Trainer(Component):
         # The effective config, not the section: an unset knob takes the regime that
         # trainer.config defines, so a change of the regime retrains, and a change of
         # trainer.variants does not retrain the other variants. The data-sized default
-        # width (trainer.config.default_embedding_dim) follows the input, whose
+        # width and learning rate (trainer.sizing) follow the input, whose
         # fingerprint is part of the cache key.
         config = to_dict(self.train_config("", ""))
         del config["data"], config["output"]

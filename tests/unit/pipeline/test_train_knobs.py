@@ -15,7 +15,13 @@ from trainer.config import VARIANTS, make_train_config
 
 BASE = ["train", "--data", "d", "--output", "o"]
 # Values the generic rule below would get wrong (constraints between fields).
-_CHOSEN = {"embedding_dim": 24, "num_heads": 2, "dropout": 0.35, "mixed_ratio": 0.25}
+_CHOSEN = {
+    "embedding_dim": 24,
+    "num_heads": 2,
+    "dropout": 0.35,
+    "mixed_ratio": 0.25,
+    "lr_decay": 0.5,
+}
 # Flags a knob needs beside it when it is the only one given (dnc's default loss is the full
 # in-cluster softmax, which draws no negatives to share).
 _NEEDS = {"shared_negatives": ["--loss", "sampled-softmax"]}

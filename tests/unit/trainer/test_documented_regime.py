@@ -13,12 +13,13 @@ import re
 import pytest
 
 from trainer import knobs
-from trainer.config import (
-    PRESETS,
+from trainer.config import PRESETS, VARIANTS, make_train_config
+from trainer.sizing import (
+    LARGE_DATA_INTERACTIONS,
+    LARGE_DATA_LEARNING_RATE,
+    LARGE_DATA_LR_DECAY,
     SMALL_DATA_DIM,
     SMALL_DATA_INTERACTIONS,
-    VARIANTS,
-    make_train_config,
 )
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, "README.md")
@@ -110,7 +111,25 @@ def test_dnc_embeddings_are_narrower_on_small_data(tmp_path):
 
 def test_dnc_embeddings_keep_the_regime_on_larger_data(tmp_path):
     large = _data(tmp_path, SMALL_DATA_INTERACTIONS)
-    assert make_train_config(large, "o", "dnc").model.embedding_dim == 100
+    config = make_train_config(large, "o", "dnc")
+    assert config.model.embedding_dim == 100
+    assert (config.learning_rate, config.lr_decay) == (1e-3, 1.0)
+
+
+def test_dnc_learns_faster_with_a_decay_on_large_data(tmp_path):
+    large = _data(tmp_path, LARGE_DATA_INTERACTIONS)
+    config = make_train_config(large, "o", "dnc")
+    assert config.learning_rate == LARGE_DATA_LEARNING_RATE
+    assert config.lr_decay == LARGE_DATA_LR_DECAY < 1.0
+    assert config.model.embedding_dim == 100
+    explicit = make_train_config(large, "o", "dnc", learning_rate=5e-4)
+    assert (explicit.learning_rate, explicit.lr_decay) == (5e-4, LARGE_DATA_LR_DECAY)
+    assert make_train_config(large, "o", "dnc", lr_decay=1.0).lr_decay == 1.0
+    for other in (
+        make_train_config(large, "o", "sasrec"),
+        make_train_config(large, "o", "dnc", "paper"),
+    ):
+        assert (other.learning_rate, other.lr_decay) == (1e-3, 1.0)
 
 
 def test_stats_without_an_interaction_count_is_an_error(tmp_path):
@@ -119,8 +138,11 @@ def test_stats_without_an_interaction_count_is_an_error(tmp_path):
         make_train_config(str(tmp_path), "o", "dnc")
 
 
-def test_the_readme_states_the_small_data_rule():
+def test_the_readme_states_the_data_sized_rules():
     with open(README, encoding="utf-8") as f:
-        text = f.read()
+        text = " ".join(f.read().split())  # line breaks of the Markdown are spaces
     assert f"{SMALL_DATA_DIM} wide when the preprocessing output" in text
     assert f"fewer than {SMALL_DATA_INTERACTIONS:,} interactions" in text
+    assert f"from {LARGE_DATA_INTERACTIONS:,} interactions on" in text
+    assert f"starts at {LARGE_DATA_LEARNING_RATE:g}" in text
+    assert f"`--lr-decay {LARGE_DATA_LR_DECAY:g}`" in text

@@ -1,11 +1,12 @@
-"""Early stopping waits ``min_steps`` optimizer steps, however short an epoch is."""
+"""Early stopping and the learning-rate decay wait ``min_steps`` optimizer steps, however
+short an epoch is."""
 
 import numpy as np
 import pytest
 import tensorflow as tf  # conftest imports dnc_env first
 
 from trainer.config import TrainConfig
-from trainer.train import early_stopping_start, mean_recall
+from trainer.train import ReduceLROnPlateauFrom, early_stopping_start, mean_recall
 
 
 @pytest.mark.parametrize(
@@ -62,3 +63,48 @@ def test_the_mean_monitor_keeps_training_while_one_list_size_stalls():
             callback.on_epoch_end(epoch, {"r": value})
         stops[name] = model.stop_training
     assert stops == {"r20": True, "mean": False}
+
+
+def _lr_after(callback, values):
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1)])
+    model.build((None, 1))
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=0.004), loss="mse")
+    callback.set_model(model)
+    callback.on_train_begin()
+    rates = []
+    for epoch, value in enumerate(values):
+        callback.on_epoch_end(epoch, {"r": value})
+        rates.append(float(tf.keras.backend.get_value(model.optimizer.learning_rate)))
+    return rates
+
+
+def test_lr_decay_halves_the_rate_after_each_epoch_without_improvement():
+    callback = ReduceLROnPlateauFrom(0, monitor="r", mode="max", factor=0.5, patience=1)
+    rates = _lr_after(callback, [0.3, 0.4, 0.35, 0.38, 0.5, 0.2])
+    assert rates == pytest.approx([0.004, 0.004, 0.002, 0.001, 0.001, 0.0005])
+
+
+def test_lr_decay_ignores_a_stall_before_the_start_epoch():
+    """The same stall as early stopping's: epochs 0-3 do not cut the rate."""
+    callback = ReduceLROnPlateauFrom(
+        early_stopping_start(40, 10), monitor="r", mode="max", factor=0.5, patience=1
+    )
+    rates = _lr_after(callback, [0.3, 0.2, 0.1, 0.1, 0.5, 0.4])
+    assert rates == pytest.approx([0.004] * 5 + [0.002])
+
+
+@pytest.mark.parametrize("factor", [0.0, -0.5, 1.5])
+def test_lr_decay_outside_0_1_is_rejected(factor):
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(data="d", output="o", lr_decay=factor)
+
+
+def test_lr_decay_logs_the_rate_of_every_epoch_in_a_real_fit():
+    """History rows stay aligned: the rate is logged before the start epoch too."""
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1)])
+    model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate=0.004), loss="mse")
+    x = np.ones((8, 1), np.float32)
+    callback = ReduceLROnPlateauFrom(2, monitor="loss", mode="min", factor=0.5, patience=1)
+    fit = model.fit(x, x, epochs=4, verbose=0, callbacks=[callback])
+    assert len(fit.history["lr"]) == len(fit.history["loss"]) == 4
+    assert fit.history["lr"][0] == pytest.approx(0.004)
