@@ -147,6 +147,13 @@ def markdown(report: Dict[str, Any]) -> str:
         lines.append(f"| `{variant}` | {rate:,.0f} | " + " | ".join(cells) + " |")
     if "ratio_dnc_over_sasrec" in tp:
         lines += ["", f"dnc / sasrec throughput: {tp['ratio_dnc_over_sasrec']:.3f}"]
+    machine = report.get("machine", {})
+    if "load_average_start" in machine:
+        lines += [
+            "",
+            f"Load average at the start {machine['load_average_start']}, "
+            f"at the end {machine.get('load_average_end', '-')}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -188,6 +195,7 @@ def main() -> None:
         trained = (args.convergence_variants or args.variants).split(",")
         for variant in [v for v in trained if v]:
             report["convergence"][variant] = convergence(args, variant, work)
+            report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
             quality.write_outputs(args.out, report, markdown(report))
 
 

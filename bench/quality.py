@@ -50,7 +50,12 @@ def _config(args, variant: str, output: str, **overrides):
 def run_metadata() -> Dict[str, Any]:
     """Machine, library versions and date of a benchmark report."""
     return {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            # How busy the shared machine was: the same run varies 1.3x in speed with it.
+            "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        },
         "versions": {n: metadata.version(n) for n in ("tensorflow", "tensorflow-recommenders")},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -352,8 +352,8 @@ _DEFAULT: Dict[str, Any] = {
 # on the ML-1M-sized set and above the sampled one on Beauty validation (section 10).
 # Its embeddings are 100-wide: the point selected on validation in dnc's grid on both
 # Amazon Beauty and Amazon Toys (for sasrec, 100 won on Beauty and 50 on Toys: kept at 50).
-# On small and on large data dnc's width and learning rate follow the data size
-# (trainer.sizing: d=50 below 100K interactions, rate 3e-3 decayed on plateaus from 500K).
+# On small and on large data the width and learning rate of dnc and sasrec follow the data
+# size (trainer.sizing: d=50 below 100K interactions, rate 3e-3 decayed on plateaus from 500K).
 # The plain (unmerged) variants keep a cheap stop-gradient intent head, only for the extra
 # merge column of their reports.
 _PLAIN_INTENT: Dict[str, Any] = {

@@ -116,18 +116,20 @@ def test_dnc_embeddings_keep_the_regime_on_larger_data(tmp_path):
     assert (config.learning_rate, config.lr_decay) == (1e-3, 1.0)
 
 
-def test_dnc_learns_faster_with_a_decay_on_large_data(tmp_path):
+def test_dnc_and_sasrec_learn_faster_with_a_decay_on_large_data(tmp_path):
     large = _data(tmp_path, LARGE_DATA_INTERACTIONS)
-    config = make_train_config(large, "o", "dnc")
-    assert config.learning_rate == LARGE_DATA_LEARNING_RATE
-    assert config.lr_decay == LARGE_DATA_LR_DECAY < 1.0
-    assert config.model.embedding_dim == 100
+    for variant, width in (("dnc", 100), ("sasrec", 50)):
+        config = make_train_config(large, "o", variant)
+        assert config.learning_rate == LARGE_DATA_LEARNING_RATE
+        assert config.lr_decay == LARGE_DATA_LR_DECAY < 1.0
+        assert config.model.embedding_dim == width  # the large-data rule keeps the width
     explicit = make_train_config(large, "o", "dnc", learning_rate=5e-4)
     assert (explicit.learning_rate, explicit.lr_decay) == (5e-4, LARGE_DATA_LR_DECAY)
     assert make_train_config(large, "o", "dnc", lr_decay=1.0).lr_decay == 1.0
     for other in (
-        make_train_config(large, "o", "sasrec"),
+        make_train_config(large, "o", "sasrec-mixed"),
         make_train_config(large, "o", "dnc", "paper"),
+        make_train_config(large, "o", "sasrec", "paper"),
     ):
         assert (other.learning_rate, other.lr_decay) == (1e-3, 1.0)
 
