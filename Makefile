@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-serving-lowrank bench-merge bench-profile bench-load lock clean
+.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-serving-lowrank bench-serving-default bench-merge bench-profile bench-load lock clean
 
 venv: $(STAMP)
 
@@ -138,6 +138,13 @@ bench-serving: venv
 bench-serving-lowrank: venv
 	$(BIN)/python bench/serving.py --latent-dim 8 --concurrency 8,32 --no-fixed-k-reference \
 		--out bench/results/serving-lowrank-clients
+
+# The same at 1M items for the export `dnc` ships where validation selects the score merge at
+# prompt weight 0: one global index.
+bench-serving-default: venv
+	$(BIN)/python bench/serving.py --sizes 1000000 --latent-dim 8 --concurrency 8,32 \
+		--merge score --prompt-weight 0 --no-fixed-k-reference --phase-seconds 60 \
+		--out bench/results/serving-lowrank-clients-1m-score-w0
 
 # What each merge (quota; score at prompt weights 1, 0.25, 0) costs a request at 1M items.
 bench-merge: venv

@@ -7,7 +7,9 @@ pull towards the cluster centre; intent = softmax over the centres) and is wrapp
 by ``serving.retrieval_module.RetrievalModule``. Everything else is the real serving path:
 the raw-id vocabulary table, one index per cluster built by ``index_plan`` /
 ``build_index`` (the plans ``dnc export`` would choose), history exclusion and the
-quota merge (``compute_quotas_tf`` + ``merge_per_cluster_tf``). Note that the stand-in
+quota merge (``compute_quotas_tf`` + ``merge_per_cluster_tf``), or with ``--merge score``
+the score merge (at ``--prompt-weight 0`` through one global index, as ``dnc export``
+builds it for ``dnc``'s default). Note that the stand-in
 user tower is much cheaper than a transformer tower; the figures measure retrieval.
 
 Items: ``--clusters`` Gaussian centres in ``--dim`` dimensions, item = centre + noise,
@@ -409,10 +411,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="BatchingParameters text proto for --enable-batching (default: "
         f"{DEFAULT_BATCHING.strip()!r})",
     )
+    p.add_argument(
+        "--merge",
+        choices=("quota", "score"),
+        default="quota",
+        help="the export's merge (quota: the paper's, one search per cluster)",
+    )
+    p.add_argument(
+        "--prompt-weight",
+        type=float,
+        default=1.0,
+        help="prompt weight of --merge score; at 0 the export adds one global index and "
+        "unrestricted requests search only it, as `dnc export` does for `dnc`'s default",
+    )
     p.add_argument("--workdir", default=None, help="keep the SavedModels here (default: temp)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "serving"))
     args = p.parse_args(argv)
     args.size_list = [int(x) for x in args.sizes.split(",") if x.strip()]
+    if args.merge == "quota" and args.prompt_weight != 1.0:
+        raise SystemExit("--prompt-weight applies to --merge score only")
+    if not 0.0 <= args.prompt_weight <= 1.0:
+        raise SystemExit(f"--prompt-weight must be in [0, 1], got {args.prompt_weight}")
     args.index_list = [x.strip() for x in args.indexes.split(",") if x.strip()]
     try:
         args.client_counts = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
@@ -439,6 +458,16 @@ def write(
         f.write(render(report))
 
 
+def export_merge(args: argparse.Namespace) -> Dict[str, Any]:
+    """The merge arguments of ``export_synthetic``: ``dnc export``'s choice, a global index
+    exactly when the score merge runs at prompt weight 0."""
+    return {
+        "merge": args.merge,
+        "prompt_weight": args.prompt_weight,
+        "global_index": args.merge == "score" and args.prompt_weight == 0.0,
+    }
+
+
 def benchmark_size(size: int, args: argparse.Namespace, work: str, report: Dict[str, Any]) -> None:
     """Measures every index kind at one corpus size; appends to ``report['results']``."""
     print(f"[{size:,} items] generating data", flush=True)
@@ -453,6 +482,7 @@ def benchmark_size(size: int, args: argparse.Namespace, work: str, report: Dict[
         args.seed,
     )
     lists: Dict[str, List[List[bytes]]] = {}
+    merge = export_merge(args)
     for kind in args.index_list:
         name = f"bench_{kind.replace('-', '_')}_{size}"
         base = os.path.join(work, f"n{size}", name)
@@ -462,12 +492,12 @@ def benchmark_size(size: int, args: argparse.Namespace, work: str, report: Dict[
             "cluster_sizes": data["sizes"].tolist(),
         }
         print(f"[{size:,} items] {kind}: building and saving", flush=True)
-        row.update(export_synthetic(data, ids, kind, os.path.join(base, "1"), args))
+        row.update(export_synthetic(data, ids, kind, os.path.join(base, "1"), args, **merge))
         print(f"[{size:,} items] {kind}: built in {row['build_seconds']} s", flush=True)
         paths = [os.path.join(base, "1")]
         if args.fixed_k_reference:
             fixed = os.path.join(work, f"n{size}", f"{name}_fixed_k", "1")
-            export_synthetic(data, ids, kind, fixed, args, per_cluster_k=False)
+            export_synthetic(data, ids, kind, fixed, args, per_cluster_k=False, **merge)
             paths.append(fixed)
         timed = run_in_process(paths, histories, args.sequential, args.warmup, args.phase_seconds)
         row["in_process"], lists_ip = timed[0]
@@ -546,7 +576,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         },
         "model": (
             "synthetic embeddings wrapped by serving.retrieval_module.RetrievalModule "
-            "(real vocabulary lookup, index_plan/build_index per cluster, quota merge); "
+            "(real vocabulary lookup, index_plan/build_index per cluster, "
+            f"{args.merge} merge at prompt weight {args.prompt_weight:g}); "
             "stand-in towers: mean-pooled history x per-cluster prompt @ W + 0.5 centre_k, "
             "intent = softmax(mean . centres / sqrt(d))"
         ),

@@ -13,6 +13,19 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def merge_sentence(settings: Dict[str, Any]) -> str:
+    """How the export merges (reports written before ``--merge`` existed used quotas)."""
+    merge, weight = settings.get("merge", "quota"), settings.get("prompt_weight", 1.0)
+    if merge == "quota":
+        return "Merge: the quota merge (the paper's; one search per cluster)."
+    if weight == 0.0:
+        return (
+            "Merge: the score merge at prompt weight 0 (`dnc`'s default where validation "
+            "selects it): unrestricted requests search one global index."
+        )
+    return f"Merge: the score merge at prompt weight {weight:g} (one search per cluster)."
+
+
 def markdown(report: Dict[str, Any]) -> str:
     """The Markdown table of a report."""
     s = report["settings"]
@@ -25,7 +38,8 @@ def markdown(report: Dict[str, Any]) -> str:
         f"({report['machine']['cpu_model']}), load average at start "
         f"{report['machine']['load_average_start']}, "
         f"end {report['machine'].get('load_average_end')}."
-        " The machine was shared with another job: absolute figures are pessimistic.",
+        " The server and the clients share these cores; a 1-minute load average above 1 at"
+        " the start means another job shared them too.",
         "",
         f"Synthetic model: K={s['clusters']} clusters, d={s['dim']}, uneven cluster sizes, "
         f"item noise std {s['noise']} ({noise}); "
@@ -33,7 +47,7 @@ def markdown(report: Dict[str, Any]) -> str:
         f"history items in its cluster (per-cluster k; the fixed-k reference path asks "
         f"every index for max_num_results + max_history = "
         f"{s['max_num_results'] + s['max_history']}); histories of "
-        f"{s['min_history']}-{s['max_history_len']} items.",
+        f"{s['min_history']}-{s['max_history_len']} items. {merge_sentence(s)}",
         f"In-process / sequential gRPC: {s['sequential']} requests; concurrent: "
         f"{s.get('client_counts', [s['concurrency']])} clients x {s['per_client']} requests "
         "each (each phase capped at "
