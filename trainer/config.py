@@ -353,7 +353,8 @@ _DEFAULT: Dict[str, Any] = {
 # Its embeddings are 100-wide: the point selected on validation in dnc's grid on both
 # Amazon Beauty and Amazon Toys (for sasrec, 100 won on Beauty and 50 on Toys: kept at 50).
 # On small and on large data the width and learning rate of dnc and sasrec follow the data
-# size (trainer.sizing: d=50 below 100K interactions, rate 3e-3 decayed on plateaus from 500K).
+# size (trainer.sizing: d=50 below 100K interactions, rate 3e-3 decayed on plateaus from 500K;
+# sasrec's dropout is 0.5 where users hold fewer than 20 interactions on average).
 # The plain (unmerged) variants keep a cheap stop-gradient intent head, only for the extra
 # merge column of their reports.
 _PLAIN_INTENT: Dict[str, Any] = {
@@ -420,9 +421,9 @@ def make_train_config(
     sized = {k: v for k, v in sized_defaults(variant, preset, data).items() if given.get(k) is None}
     if sized:
         log.info("%s: defaults sized by %s: %s (flags override)", variant, data, sized)
-        if "embedding_dim" in sized:
-            model = dataclasses.replace(model, embedding_dim=sized.pop("embedding_dim"))
-        values.update(sized)
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        model = dataclasses.replace(model, **{k: v for k, v in sized.items() if k in model_fields})
+        values.update({k: v for k, v in sized.items() if k not in model_fields})
     if model_overrides:
         model = dataclasses.replace(
             model, **{k: v for k, v in model_overrides.items() if v is not None}

@@ -15,6 +15,14 @@ sections 10 and 16):
   same schedule there too (36.5 instead of 55 minutes, test R@20 / R@50 0.7008 / 0.8303
   against 0.6940 / 0.8272); ``sasrec``'s width is 50 in its regime already.
 
+A third follows how long the users' sequences are, for ``sasrec`` only (section 17):
+
+* where users hold fewer than ``SPARSE_MEAN_LENGTH`` interactions on average, ``sasrec``'s
+  dropout is ``SPARSE_DROPOUT`` instead of 0.2, SASRec's own setting for its sparse sets:
+  on Amazon Beauty and Toys (9 interactions a user) 0.5 beat 0.2 on validation by +3.5% and
+  +7.6% (test +3.7% / +3.4% on Beauty). ``dnc`` keeps 0.2: 0.5 tied on Beauty's validation
+  and lost on Toys'.
+
 An explicit value (a flag, a pipeline config key) always wins over a sized default.
 """
 
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from preprocessing.features import STATS_FILE
 
@@ -33,20 +41,24 @@ LARGE_DATA_LEARNING_RATE = 3e-3
 LARGE_DATA_LR_DECAY = 0.5
 # The variants whose default regime is sized by the data (the others keep theirs).
 SIZED_VARIANTS = ("dnc", "sasrec")
+SPARSE_MEAN_LENGTH = 20
+SPARSE_DROPOUT = 0.5
+SPARSE_VARIANTS = ("sasrec",)
 
 
-def data_interactions(data: str) -> Optional[int]:
-    """Interactions kept by the preprocessing of ``data`` (its ``stats.json``), or None
-    where ``data`` is not (yet) a preprocessing output, as when a config is checked
+def data_counts(data: str) -> Optional[Tuple[int, int]]:
+    """(interactions, users) kept by the preprocessing of ``data`` (its ``stats.json``), or
+    None where ``data`` is not (yet) a preprocessing output, as when a config is checked
     before any data exists."""
     path = os.path.join(data, STATS_FILE) if data else ""
     if not path or not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
         stats = json.load(f)
-    if "interactions" not in stats:
-        raise ValueError(f"{path} has no 'interactions' count; rerun dnc preprocess")
-    return int(stats["interactions"])
+    missing = [k for k in ("interactions", "users") if k not in stats]
+    if missing:
+        raise ValueError(f"{path} has no {missing} count; rerun dnc preprocess")
+    return int(stats["interactions"]), int(stats["users"])
 
 
 def sized_defaults(variant: str, preset: str, data: str) -> Dict[str, Any]:
@@ -59,16 +71,20 @@ def sized_defaults(variant: str, preset: str, data: str) -> Dict[str, Any]:
             sized defaults).
 
     Returns:
-        ``TrainConfig`` field -> value; ``embedding_dim`` is a ``ModelConfig`` field.
-        Empty where the regime's own values apply.
+        ``TrainConfig`` or ``ModelConfig`` field -> value (``embedding_dim`` and
+        ``dropout`` are ``ModelConfig`` fields). Empty where the regime's own values apply.
     """
     if preset != "default" or variant not in SIZED_VARIANTS:
         return {}
-    interactions = data_interactions(data)
-    if interactions is None:
+    counts = data_counts(data)
+    if counts is None:
         return {}
+    interactions, users = counts
+    sized: Dict[str, Any] = {}
     if interactions < SMALL_DATA_INTERACTIONS:
-        return {"embedding_dim": SMALL_DATA_DIM}
+        sized["embedding_dim"] = SMALL_DATA_DIM
     if interactions >= LARGE_DATA_INTERACTIONS:
-        return {"learning_rate": LARGE_DATA_LEARNING_RATE, "lr_decay": LARGE_DATA_LR_DECAY}
-    return {}
+        sized.update(learning_rate=LARGE_DATA_LEARNING_RATE, lr_decay=LARGE_DATA_LR_DECAY)
+    if variant in SPARSE_VARIANTS and interactions < SPARSE_MEAN_LENGTH * max(users, 1):
+        sized["dropout"] = SPARSE_DROPOUT
+    return sized

@@ -20,6 +20,8 @@ from trainer.sizing import (
     LARGE_DATA_LR_DECAY,
     SMALL_DATA_DIM,
     SMALL_DATA_INTERACTIONS,
+    SPARSE_DROPOUT,
+    SPARSE_MEAN_LENGTH,
 )
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, "README.md")
@@ -94,8 +96,10 @@ def test_dnc_default_regime_is_the_in_cluster_softmax_with_the_implied_intent():
     assert make_train_config("d", "o", "sasrec").loss == "sampled-softmax"
 
 
-def _data(tmp_path, interactions):
-    (tmp_path / "stats.json").write_text(json.dumps({"interactions": interactions}))
+def _data(tmp_path, interactions, users=1):
+    stats = {"interactions": interactions, "users": users}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
     return str(tmp_path)
 
 
@@ -134,6 +138,27 @@ def test_dnc_and_sasrec_learn_faster_with_a_decay_on_large_data(tmp_path):
         assert (other.learning_rate, other.lr_decay) == (1e-3, 1.0)
 
 
+def test_sasrec_drops_out_more_where_sequences_are_short(tmp_path):
+    users = 1_000
+    sparse = _data(tmp_path / "sparse", SPARSE_MEAN_LENGTH * users - 1, users)
+    assert make_train_config(sparse, "o", "sasrec").model.dropout == SPARSE_DROPOUT
+    explicit = make_train_config(sparse, "o", "sasrec", model_overrides={"dropout": 0.1})
+    assert explicit.model.dropout == 0.1
+    for other in (
+        make_train_config(sparse, "o", "dnc"),  # dnc keeps 0.2 (section 17)
+        make_train_config(sparse, "o", "sasrec", "paper"),
+        make_train_config(_data(tmp_path / "dense", SPARSE_MEAN_LENGTH * users, users), "o",
+                          "sasrec"),
+    ):  # fmt: skip
+        assert other.model.dropout == 0.2
+
+
+def test_stats_without_a_user_count_is_an_error(tmp_path):
+    (tmp_path / "stats.json").write_text(json.dumps({"interactions": 3}))
+    with pytest.raises(ValueError, match="users"):
+        make_train_config(str(tmp_path), "o", "dnc")
+
+
 def test_stats_without_an_interaction_count_is_an_error(tmp_path):
     (tmp_path / "stats.json").write_text(json.dumps({"users": 3}))
     with pytest.raises(ValueError, match="interactions"):
@@ -148,3 +173,5 @@ def test_the_readme_states_the_data_sized_rules():
     assert f"from {LARGE_DATA_INTERACTIONS:,} interactions on" in text
     assert f"starts at {LARGE_DATA_LEARNING_RATE:g}" in text
     assert f"`--lr-decay {LARGE_DATA_LR_DECAY:g}`" in text
+    assert f"fewer than {SPARSE_MEAN_LENGTH} interactions on average" in text
+    assert f"`sasrec`'s dropout is {SPARSE_DROPOUT:g}" in text
