@@ -354,7 +354,7 @@ _DEFAULT: Dict[str, Any] = {
 # Amazon Beauty and Amazon Toys (for sasrec, 100 won on Beauty and 50 on Toys: kept at 50).
 # On small and on large data the width and learning rate of dnc and sasrec follow the data
 # size (trainer.sizing: d=50 below 100K interactions, rate 3e-3 decayed on plateaus from 500K;
-# sasrec's dropout is 0.5 where users hold fewer than 20 interactions on average).
+# d=50 and dropout 0.5 where users hold fewer than 20 interactions on average).
 # The plain (unmerged) variants keep a cheap stop-gradient intent head, only for the extra
 # merge column of their reports.
 _PLAIN_INTENT: Dict[str, Any] = {

@@ -20,6 +20,7 @@ from trainer.sizing import (
     LARGE_DATA_LR_DECAY,
     SMALL_DATA_DIM,
     SMALL_DATA_INTERACTIONS,
+    SPARSE_DIM,
     SPARSE_DROPOUT,
     SPARSE_MEAN_LENGTH,
 )
@@ -138,19 +139,23 @@ def test_dnc_and_sasrec_learn_faster_with_a_decay_on_large_data(tmp_path):
         assert (other.learning_rate, other.lr_decay) == (1e-3, 1.0)
 
 
-def test_sasrec_drops_out_more_where_sequences_are_short(tmp_path):
-    users = 1_000
+def test_sparse_data_gets_more_dropout_and_narrower_embeddings(tmp_path):
+    users = 10_000  # 200K interactions at the threshold: neither small nor large data
     sparse = _data(tmp_path / "sparse", SPARSE_MEAN_LENGTH * users - 1, users)
-    assert make_train_config(sparse, "o", "sasrec").model.dropout == SPARSE_DROPOUT
-    explicit = make_train_config(sparse, "o", "sasrec", model_overrides={"dropout": 0.1})
-    assert explicit.model.dropout == 0.1
-    for other in (
-        make_train_config(sparse, "o", "dnc"),  # dnc keeps 0.2 (section 17)
-        make_train_config(sparse, "o", "sasrec", "paper"),
-        make_train_config(_data(tmp_path / "dense", SPARSE_MEAN_LENGTH * users, users), "o",
-                          "sasrec"),
-    ):  # fmt: skip
-        assert other.model.dropout == 0.2
+    for variant in ("dnc", "sasrec"):
+        model = make_train_config(sparse, "o", variant).model
+        assert (model.dropout, model.embedding_dim) == (SPARSE_DROPOUT, SPARSE_DIM)
+    explicit = make_train_config(sparse, "o", "dnc", model_overrides={"dropout": 0.1})
+    assert (explicit.model.dropout, explicit.model.embedding_dim) == (0.1, SPARSE_DIM)
+    dense = _data(tmp_path / "dense", SPARSE_MEAN_LENGTH * users, users)
+    for config in (
+        make_train_config(sparse, "o", "dnc", "paper"),
+        make_train_config(sparse, "o", "sasrec-mixed"),
+        make_train_config(dense, "o", "dnc"),
+        make_train_config(dense, "o", "sasrec"),
+    ):
+        assert config.model.dropout == 0.2
+    assert make_train_config(dense, "o", "dnc").model.embedding_dim == 100
 
 
 def test_stats_without_a_user_count_is_an_error(tmp_path):
@@ -174,4 +179,5 @@ def test_the_readme_states_the_data_sized_rules():
     assert f"starts at {LARGE_DATA_LEARNING_RATE:g}" in text
     assert f"`--lr-decay {LARGE_DATA_LR_DECAY:g}`" in text
     assert f"fewer than {SPARSE_MEAN_LENGTH} interactions on average" in text
-    assert f"`sasrec`'s dropout is {SPARSE_DROPOUT:g}" in text
+    sparse = f"the dropout is {SPARSE_DROPOUT:g} instead of 0.2 and the embeddings are {SPARSE_DIM}"
+    assert sparse in text
