@@ -195,7 +195,7 @@ def main() -> None:
         trained = (args.convergence_variants or args.variants).split(",")
         for variant in [v for v in trained if v]:
             report["convergence"][variant] = convergence(args, variant, work)
-            report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+            report["machine"]["load_average_end"] = quality.load_average()
             quality.write_outputs(args.out, report, markdown(report))
 
 

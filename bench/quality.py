@@ -47,14 +47,19 @@ def _config(args, variant: str, output: str, **overrides):
     )
 
 
+def load_average() -> List[float]:
+    """The machine's 1-, 5- and 15-minute load averages, rounded: how busy the shared
+    machine was (the same run varies 1.3x in speed with it)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def run_metadata() -> Dict[str, Any]:
     """Machine, library versions and date of a benchmark report."""
     return {
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            # How busy the shared machine was: the same run varies 1.3x in speed with it.
-            "load_average_start": [round(x, 2) for x in os.getloadavg()],
+            "load_average_start": load_average(),
         },
         "versions": {n: metadata.version(n) for n in ("tensorflow", "tensorflow-recommenders")},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -67,6 +67,11 @@ from bench.serving_catalogue import (  # noqa: E402
     synthetic_items,
 )
 from bench.serving_report import markdown, targets  # noqa: E402
+from trainer.score_merge import (  # noqa: E402
+    MERGES,
+    check_prompt_weight,
+    searches_one_global_index,
+)
 
 INDEX_ORDER = ("brute-force", "scann")
 PACKAGES = (
@@ -413,7 +418,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--merge",
-        choices=("quota", "score"),
+        choices=MERGES,
         default="quota",
         help="the export's merge (quota: the paper's, one search per cluster)",
     )
@@ -428,10 +433,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "serving"))
     args = p.parse_args(argv)
     args.size_list = [int(x) for x in args.sizes.split(",") if x.strip()]
-    if args.merge == "quota" and args.prompt_weight != 1.0:
-        raise SystemExit("--prompt-weight applies to --merge score only")
-    if not 0.0 <= args.prompt_weight <= 1.0:
-        raise SystemExit(f"--prompt-weight must be in [0, 1], got {args.prompt_weight}")
+    try:
+        check_prompt_weight(args.prompt_weight, args.merge)
+    except ValueError as e:
+        p.error(str(e))
     args.index_list = [x.strip() for x in args.indexes.split(",") if x.strip()]
     try:
         args.client_counts = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
@@ -464,7 +469,7 @@ def export_merge(args: argparse.Namespace) -> Dict[str, Any]:
     return {
         "merge": args.merge,
         "prompt_weight": args.prompt_weight,
-        "global_index": args.merge == "score" and args.prompt_weight == 0.0,
+        "global_index": searches_one_global_index(args.merge, args.prompt_weight),
     }
 
 

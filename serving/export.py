@@ -60,7 +60,7 @@ from serving.retrieval_module import RetrievalModule
 from trainer import data, evaluation
 from trainer.alpha import alpha_to_json, check_alpha
 from trainer.config import get_variant
-from trainer.score_merge import check_merge, check_prompt_weight
+from trainer.score_merge import check_merge, check_prompt_weight, searches_one_global_index
 from trainer.train import ModelScorer, load_model, read_model_json
 
 log = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def build_module(
         merge, alpha = cfg.merge, float(cfg.alpha)
     plans = _plans(items, variant.merged, cfg)
     global_plan = None
-    if cfg.global_index and variant.merged and merge == "score" and weight == 0.0:
+    if cfg.global_index and variant.merged and searches_one_global_index(merge, weight):
         global_plan = _plans(items, False, cfg)[0]
     module = RetrievalModule(
         model,

@@ -85,6 +85,13 @@ def blend_queries(prompted: np.ndarray, unprompted: np.ndarray, weight: float) -
     return (w * prompted + (1.0 - w) * unprompted[:, None, :]).astype(np.float32)
 
 
+def searches_one_global_index(merge: str, prompt_weight: float) -> bool:
+    """Whether ``merge`` at ``prompt_weight`` ranks every item by its unprompted score
+    alone (the score merge at weight 0), so that one index over all items returns the
+    merged list of an unrestricted request (``dnc export`` adds that index)."""
+    return merge == "score" and float(prompt_weight) == 0.0
+
+
 def check_merge(merge: str) -> str:
     """Returns ``merge`` or raises ValueError naming the accepted merges."""
     if merge not in MERGES:
