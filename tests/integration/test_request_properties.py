@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
 from tensorflow_serving.apis import (
@@ -150,6 +150,7 @@ def test_grpc_predict_random_inputs(served, name, signature, inputs, choice, out
     num_results=st.one_of(st.integers(-(2**31), 2**31 - 1), st.integers(-2, 12)),
     history=st.lists(ids, min_size=0, max_size=5),
 )
+@example(alpha=9.541302515039711e-39, num_results=3, history=[])  # a subnormal alpha (CI)
 def test_retrieve_scalars_grpc_and_rest(served, alpha, num_results, history):
     """NaN/inf alpha and any num_results: exact answers in range, INVALID_ARGUMENT outside."""
     request = make_request(
@@ -169,9 +170,11 @@ def test_retrieve_scalars_grpc_and_rest(served, alpha, num_results, history):
         ids_out = tf.make_ndarray(answer.outputs["item_ids"])[0].tolist()
         assert ids_out == [f"v1_{i}".encode() for i in range(num_results)]
         scores = tf.make_ndarray(answer.outputs["scores"])[0]
+        tiny = np.finfo(np.float32).tiny
+        # TF on CPU treats a subnormal input as zero and flushes subnormal results to zero.
+        graph_alpha = np.float32(0.0 if abs(np.float32(alpha)) < tiny else alpha)
         with np.errstate(over="ignore", invalid="ignore"):
-            expected_scores = np.float32(alpha) * np.arange(num_results, dtype=np.float32)
-        tiny = np.finfo(np.float32).tiny  # TF flushes subnormal results to zero
+            expected_scores = graph_alpha * np.arange(num_results, dtype=np.float32)
         np.testing.assert_allclose(scores, expected_scores, rtol=1e-6, atol=tiny, equal_nan=True)
         assert status == 200 and len(rest_answer["outputs"]["item_ids"][0]) == num_results
     else:
