@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # isort: off
 import dnc_env  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import quality  # noqa: E402
+from bench.machine import load_average  # noqa: E402
 # isort: on
 
 
@@ -195,7 +196,7 @@ def main() -> None:
         trained = (args.convergence_variants or args.variants).split(",")
         for variant in [v for v in trained if v]:
             report["convergence"][variant] = convergence(args, variant, work)
-            report["machine"]["load_average_end"] = quality.load_average()
+            report["machine"]["load_average_end"] = load_average()
             quality.write_outputs(args.out, report, markdown(report))
 
 

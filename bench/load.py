@@ -50,8 +50,9 @@ from bench import (  # noqa: E402
     serving_catalogue,  # noqa: E402
 )
 from bench import serving as serving_bench  # noqa: E402
+from bench.machine import load_average  # noqa: E402
 from preprocessing.errors import EXIT_USAGE  # noqa: E402
-from serving.index_kinds import INDEX_KINDS  # noqa: E402
+from serving.index_kinds import GLOBAL_LEAVES_FRACTION, INDEX_KINDS, LEAVES_FRACTION  # noqa: E402
 
 SCENARIOS = ("load", "soak", "kill")
 MODEL_NAME = "dnc"
@@ -128,7 +129,8 @@ def synthetic_template(world: Any, work: str, args: argparse.Namespace) -> str:
         max_num_results=200,
         max_history=512,
         scann_min_size=1024,
-        leaves_fraction=0.2,  # the dnc export default
+        leaves_fraction=LEAVES_FRACTION,  # the dnc export defaults
+        global_leaves_fraction=GLOBAL_LEAVES_FRACTION,
         max_len=50,
         seed=args.seed,
         num_results=50,
@@ -415,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"load: {e}", file=sys.stderr)
         return EXIT_USAGE
-    load_average = [round(x, 2) for x in os.getloadavg()]
+    load_at_start = load_average()
     work = tempfile.mkdtemp(prefix="dnc-load-")
     try:
         info = prepare(args, work)
@@ -426,8 +428,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     report["date"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     report["machine"] = serving_bench.machine()
-    report["machine"]["load_average_start"] = load_average
-    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["machine"]["load_average_start"] = load_at_start
+    report["machine"]["load_average_end"] = load_average()
     report["versions"] = serving_bench.versions()
     serving_bench.write(report, args.out, report_load.markdown)
     print(report_load.markdown(report))

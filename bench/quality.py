@@ -31,6 +31,7 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 sys.path.insert(0, ROOT)
 
 import dnc_env  # noqa: E402,F401
+from bench.machine import load_average  # noqa: E402
 
 ALL_VARIANTS = ("mf", "sasrec", "sasrec-mixed", "dnc-naive", "dnc-concat", "dnc", "dnc-mmoe")
 THROUGHPUT_VARIANTS = ("sasrec", "dnc", "dnc-mmoe")
@@ -45,12 +46,6 @@ def _config(args, variant: str, output: str, **overrides):
     return knobs.build_config(
         args.data, output, variant, getattr(args, "preset", "default"), values
     )
-
-
-def load_average() -> List[float]:
-    """The machine's 1-, 5- and 15-minute load averages, rounded: how busy the shared
-    machine was (the same run varies 1.3x in speed with it)."""
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def run_metadata() -> Dict[str, Any]:

@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 if ROOT not in sys.path:
@@ -37,6 +37,10 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 import dnc_env  # noqa: E402,F401  (tf-keras before tensorflow)
+from bench.machine import load_average  # noqa: E402
+
+# ``--which`` value of the one index over every item.
+GLOBAL = "global"
 
 
 def _serving_bench():
@@ -55,6 +59,17 @@ def queries(embeddings: np.ndarray, count: int, seed: int) -> np.ndarray:
     picks = rng.integers(0, len(embeddings), size=(count, 20))
     pooled = embeddings[picks].mean(axis=1)
     return (pooled + rng.normal(0, 0.1, pooled.shape)).astype(np.float32)
+
+
+def cluster_queries(
+    embeddings: np.ndarray, cluster: np.ndarray, count: int, seed: int
+) -> np.ndarray:
+    """Queries [count, d] for one index over every cluster: each pooled within one random
+    cluster (a history about one interest), as :func:`queries` pools within its cluster."""
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(np.unique(cluster), size=count)
+    rows = [queries(embeddings[cluster == c], 1, seed + i)[0] for i, c in enumerate(picks)]
+    return np.stack(rows)
 
 
 def exact_top(embeddings: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
@@ -88,15 +103,18 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean(shares))
 
 
-def sweep_cluster(emb: np.ndarray, args: argparse.Namespace, seed: int) -> Dict[str, Any]:
-    """Every (leaves_fraction, reorder) point of one cluster, and brute force."""
+def sweep_cluster(
+    emb: np.ndarray, args: argparse.Namespace, seed: int, q: Optional[np.ndarray] = None
+) -> Dict[str, Any]:
+    """Every (leaves_fraction, reorder) point of one index over ``emb``, and brute force;
+    ``q``: its queries (None: pooled over ``emb``, one cluster's items)."""
     import tensorflow as tf
     import tensorflow_recommenders as tfrs
 
     from serving.indexes import build_index, index_plan
 
     k = args.k
-    q = queries(emb, args.queries, seed)
+    q = queries(emb, args.queries, seed) if q is None else q
     exact = exact_top(emb, q, k)
     identifiers = np.arange(len(emb)).astype(str)
     brute = tfrs.layers.factorized_top_k.BruteForce(k=k)
@@ -128,6 +146,7 @@ def sweep_cluster(emb: np.ndarray, args: argparse.Namespace, seed: int) -> Dict[
             print(f"  n={len(emb)} {points[-1]}", flush=True)
     return {
         "size": len(emb),
+        "global": False,
         "brute_force": {
             "p50_ms": round(reference["p50_ms"], 3),
             "p99_ms": round(reference["p99_ms"], 3),
@@ -149,7 +168,8 @@ def markdown(report: Dict[str, Any]) -> str:
         bf = cluster["brute_force"]
         lines += [
             "",
-            f"**Cluster of {cluster['size']:,} items** (brute force p50 {bf['p50_ms']:.2f} ms, "
+            f"**{'One index over all' if cluster.get('global') else 'Cluster of'} "
+            f"{cluster['size']:,} items** (brute force p50 {bf['p50_ms']:.2f} ms, "
             f"p99 {bf['p99_ms']:.2f} ms)",
             "",
             "| leaves searched | reorder (x k) | recall@k | p50 ms | p99 ms | p50 vs brute force "
@@ -183,7 +203,8 @@ def plot(report: Dict[str, Any], path: str) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("p50 latency per query (ms)")
         ax.set_ylabel(f"recall@{report['settings']['k']} vs exact")
-        ax.set_title(f"cluster of {cluster['size']:,} items")
+        scope = "one index over" if cluster.get("global") else "cluster of"
+        ax.set_title(f"{scope} {cluster['size']:,} items")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -197,7 +218,12 @@ def main() -> int:
     p.add_argument("--latent-dim", type=int, default=8, help="0: isotropic noise")
     p.add_argument("--noise", type=float, default=1.0)
     p.add_argument("--k", type=int, default=100, help="candidates per cluster search")
-    p.add_argument("--which", default="0,4", help="clusters to sweep (0 = largest)")
+    p.add_argument(
+        "--which",
+        default="0,4",
+        help=f"clusters to sweep (0 = largest; {GLOBAL!r}: one index over all items, the "
+        "index dnc export adds for the score merge at prompt weight 0)",
+    )
     p.add_argument("--leaves-fractions", default="0.02,0.05,0.1,0.2,0.4")
     p.add_argument("--reorders", default="1,2,4")
     p.add_argument("--queries", type=int, default=200)
@@ -213,7 +239,7 @@ def main() -> int:
         "machine": bench.machine(),
         "versions": bench.versions(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_start": load_average(),
     }
     data = bench.synthetic_items(
         args.items, args.clusters, args.dim, args.noise, args.seed, args.latent_dim
@@ -221,10 +247,15 @@ def main() -> int:
     cluster = data["item_cluster"][1:]
     emb = data["embeddings"][1:]
     report["clusters"] = []
-    for c in (int(x) for x in args.which.split(",")):
-        rows = np.flatnonzero(cluster == c)
-        report["clusters"].append(sweep_cluster(np.ascontiguousarray(emb[rows]), args, c))
-    report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    for which in args.which.split(","):
+        if which == GLOBAL:
+            q = cluster_queries(emb, cluster, args.queries, args.seed)
+            result = {**sweep_cluster(np.ascontiguousarray(emb), args, -1, q), "global": True}
+        else:
+            rows = np.flatnonzero(cluster == int(which))
+            result = sweep_cluster(np.ascontiguousarray(emb[rows]), args, int(which))
+        report["clusters"].append(result)
+    report["load_average_end"] = load_average()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)

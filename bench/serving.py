@@ -59,6 +59,7 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 
 import dnc_env  # noqa: E402,F401  (tf-keras before tensorflow)
+from bench.machine import load_average  # noqa: E402
 from bench.serving_catalogue import (  # noqa: E402
     add_catalogue_args,
     export_synthetic,
@@ -337,7 +338,7 @@ def machine() -> Dict[str, Any]:
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_start": load_average(),
     }
 
 
@@ -376,7 +377,7 @@ def run_benchmark(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["total_seconds"] = round(time.monotonic() - started, 1)
-    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["machine"]["load_average_end"] = load_average()
     write(report, args.out, to_markdown)
     print(f"wrote {args.out}.json and {args.out}.md")
     return 0
@@ -610,14 +611,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             t0 = time.monotonic()
             benchmark_size(size, args, work, report)
             report["notes"].append(f"{size:,} items measured in {time.monotonic() - t0:.0f} s.")
-            report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+            report["machine"]["load_average_end"] = load_average()
             report["targets"] = targets(report["results"])
             write(report, args.out)  # partial results survive a later failure
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     report["total_seconds"] = round(time.monotonic() - started, 1)
-    report["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["machine"]["load_average_end"] = load_average()
     report["targets"] = targets(report["results"])
     write(report, args.out)
     print(markdown(report))

@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from serving.index_kinds import GLOBAL_LEAVES_FRACTION, LEAVES_FRACTION
+
 # ---------------------------------------------------------------------------- data
 
 
@@ -232,7 +234,11 @@ def build_module(
 
 def global_plan(data: Dict[str, np.ndarray], index: str, args: argparse.Namespace):
     """The plan ``dnc export`` would choose for one index over every item."""
-    return index_plans({"sizes": np.array([int(np.sum(data["sizes"]))])}, index, args)[0]
+    from serving.indexes import index_plan
+
+    k = args.max_num_results + args.max_history
+    size = int(np.sum(data["sizes"]))
+    return index_plan(size, k, index, args.scann_min_size, args.global_leaves_fraction)
 
 
 def export_synthetic(
@@ -306,7 +312,13 @@ def add_catalogue_args(p: argparse.ArgumentParser, latent_dim: int) -> None:
     p.add_argument("--max-len", type=int, default=50, help="tower history length")
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--scann-min-size", type=int, default=1024)
-    p.add_argument("--leaves-fraction", type=float, default=0.2, help="as dnc export")
+    p.add_argument("--leaves-fraction", type=float, default=LEAVES_FRACTION, help="as dnc export")
+    p.add_argument(
+        "--global-leaves-fraction",
+        type=float,
+        default=GLOBAL_LEAVES_FRACTION,
+        help="as dnc export (the one index over all items)",
+    )
     p.add_argument("--min-history", type=int, default=20)
     p.add_argument("--max-history-len", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)

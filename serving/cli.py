@@ -12,7 +12,7 @@ import sys
 from typing import List
 
 from preprocessing.errors import EXIT_USAGE
-from serving.index_kinds import INDEX_KINDS
+from serving.index_kinds import GLOBAL_LEAVES_FRACTION, INDEX_KINDS, LEAVES_FRACTION
 from trainer.cli import add_merge_argument, parse_alpha
 
 log = logging.getLogger("dnc")
@@ -48,7 +48,15 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         "--leaves-fraction",
         type=float,
         default=None,
-        help="share of ScaNN tree leaves searched",
+        help=f"share of ScaNN tree leaves searched in each cluster's index "
+        f"(default {LEAVES_FRACTION})",
+    )
+    p.add_argument(
+        "--global-leaves-fraction",
+        type=float,
+        default=None,
+        help="the same in the one index over all items (prompt weight 0, plain variants; "
+        f"default {GLOBAL_LEAVES_FRACTION})",
     )
     p.add_argument(
         "--no-global-index",
@@ -87,7 +95,13 @@ def run_export(args: argparse.Namespace, extra: List[str]) -> int:
     fileio.check_output_dir(args.output)  # OutputError before any work
     from serving.export import export_model
 
-    options = ("max_exclude", "scann_min_size", "leaves_fraction", "global_index")
+    options = (
+        "max_exclude",
+        "scann_min_size",
+        "leaves_fraction",
+        "global_leaves_fraction",
+        "global_index",
+    )
     index_options = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
     try:
         with fileio.output_errors(args.output):

@@ -53,7 +53,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from preprocessing import features, fileio
-from serving.index_kinds import INDEX_KINDS
+from serving.index_kinds import GLOBAL_LEAVES_FRACTION, INDEX_KINDS, LEAVES_FRACTION
 from serving.indexes import index_plan
 from serving.model_config import METADATA_DIR, METADATA_FILE
 from serving.retrieval_module import RetrievalModule
@@ -93,7 +93,8 @@ class ExportConfig:
         max_exclude: most ``exclude`` ids per row of ``retrieve_filtered``; every index
             returns that many more candidates, for the same reason.
         scann_min_size: clusters smaller than this are searched exactly.
-        leaves_fraction: share of the ScaNN tree leaves searched.
+        leaves_fraction: share of the ScaNN tree leaves searched in each cluster's index.
+        global_leaves_fraction: the same in the one index over all items (``global_index``).
         global_index: when the score merge runs at prompt weight 0 (every cluster searched
             with the unprompted user vector, ranked by that score alone), also build one
             index over all items so that unrestricted requests need one search instead
@@ -112,7 +113,8 @@ class ExportConfig:
     max_history: int = DEFAULT_MAX_HISTORY
     max_exclude: int = DEFAULT_MAX_EXCLUDE
     scann_min_size: int = 1024
-    leaves_fraction: float = 0.2
+    leaves_fraction: float = LEAVES_FRACTION
+    global_leaves_fraction: float = GLOBAL_LEAVES_FRACTION
     global_index: bool = True
 
     def __post_init__(self) -> None:
@@ -129,8 +131,9 @@ class ExportConfig:
             raise ValueError(f"max_history must be >= 1, got {self.max_history}")
         if self.max_exclude < 0:
             raise ValueError(f"max_exclude must be >= 0, got {self.max_exclude}")
-        if not 0.0 < self.leaves_fraction <= 1.0:
-            raise ValueError(f"leaves_fraction must be in (0, 1], got {self.leaves_fraction}")
+        for name in ("leaves_fraction", "global_leaves_fraction"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         if self.alpha is not None:
             check_alpha(self.alpha)
         if self.merge is not None:
@@ -218,13 +221,15 @@ def _item_vocabulary(data_dir: str, items: data.ItemsTable) -> str:
 
 
 def _plans(items: data.ItemsTable, merged: bool, cfg: ExportConfig) -> List[Dict[str, Any]]:
+    """Each cluster's index plan (``merged``), else the plan of one index over all items."""
     k = cfg.max_num_results + cfg.max_history + cfg.max_exclude
     if merged:
         sizes = np.bincount(items.item_cluster[1:], minlength=items.num_clusters)
-    else:
-        sizes = np.array([items.num_items])
+        return [
+            index_plan(int(s), k, cfg.index, cfg.scann_min_size, cfg.leaves_fraction) for s in sizes
+        ]
     return [
-        index_plan(int(s), k, cfg.index, cfg.scann_min_size, cfg.leaves_fraction) for s in sizes
+        index_plan(items.num_items, k, cfg.index, cfg.scann_min_size, cfg.global_leaves_fraction)
     ]
 
 

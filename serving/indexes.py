@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
-from serving.index_kinds import INDEX_KINDS
+from serving.index_kinds import INDEX_KINDS, LEAVES_FRACTION
 
 # Exactly re-scored candidates per ScaNN search, in multiples of the plan's k (index_plan).
 REORDER_FACTOR = 2
@@ -30,7 +30,7 @@ def index_plan(
     k: int,
     kind: str,
     scann_min_size: int = 1024,
-    leaves_fraction: float = 0.2,
+    leaves_fraction: float = LEAVES_FRACTION,
     coverage: float = 4.0,
 ) -> Dict[str, object]:
     """Index parameters of one cluster (or of the whole corpus for plain variants).

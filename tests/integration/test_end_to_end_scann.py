@@ -12,11 +12,13 @@ import json
 import os
 
 import grpc
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from pipeline.cli import main
 from serving.client import PredictClient
-from serving.export import METADATA_DIR, METADATA_FILE
+from serving.export import METADATA_DIR, METADATA_FILE, ExportConfig, build_module
 from tests.integration.serving_process import dnc_serve
 from trainer import data
 
@@ -36,7 +38,7 @@ def exports(tmp_path_factory):
     train += ["--epochs=4", "--steps-per-epoch=40", "--batch-size=64", "--max-len=20"]
     train += ["--dim=32", "--blocks=1", "--eval-users=100", "--eval-m=20"]
     assert main(["--log-level=WARNING"] + train) == 0
-    out = {"data": data_dir}
+    out = {"data": data_dir, "model": model_dir}
     for index in ("scann", "brute-force"):
         base = str(root / index / "dnc")
         export = ["export", f"--model={model_dir}", f"--data={data_dir}", f"--output={base}"]
@@ -82,6 +84,32 @@ def test_served_scann_recalls_the_exact_lists(server, histories):
     found = [len(set(a["item_ids"][0]) & set(e["item_ids"][0])) for a, e in pairs]
     recall = sum(found) / (M * len(histories))
     print(f"ScaNN recall@{M} against exact: {recall:.4f}")
+    assert recall >= 0.95, recall
+
+
+def test_the_global_index_recalls_the_exact_lists(exports, histories):
+    """At prompt weight 0 unrestricted requests search one index over all items, whose
+    ScaNN tree is searched more sparsely (``global_leaves_fraction``) than the clusters'."""
+    raw = np.full((len(histories), max(map(len, histories))), "", dtype=object)
+    for row, history in enumerate(histories):
+        raw[row, : len(history)] = history
+    lists, plans = {}, {}
+    for index in ("scann", "brute-force"):
+        config = ExportConfig(
+            model_dir=exports["model"], data_dir=exports["data"], output="unused", index=index,
+            max_num_results=50, default_num_results=M, max_history=30, max_exclude=10,
+            merge="score", alpha=1.0, prompt_weight=0.0, scann_min_size=256,
+        )  # fmt: skip
+        module, metadata = build_module(config)
+        plans[index] = metadata["index"]["global_plan"]
+        assert plans[index]["kind"] == index, plans[index]
+        assert plans[index]["size"] == metadata["num_items"] > 1900, plans[index]
+        out = module.retrieve(tf.constant(raw), tf.constant(1.0), tf.constant(M))
+        lists[index] = out["item_ids"].numpy()
+    assert plans["scann"]["num_leaves_to_search"] < plans["scann"]["num_leaves"], plans
+    pairs = zip(lists["scann"], lists["brute-force"], strict=True)
+    recall = np.mean([len(set(a) & set(e)) / M for a, e in pairs])
+    print(f"global ScaNN index recall@{M} against exact: {recall:.4f}")
     assert recall >= 0.95, recall
 
 
