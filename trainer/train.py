@@ -35,6 +35,12 @@ MODEL_JSON = "model.json"
 # The merge behind the per-epoch validation recall (early stopping, model selection)
 # of merged variants: the serving default (alpha 1, no per-epoch selection).
 MONITOR_MERGE = "score"
+# The score merge's prompt weights the monitor of merged variants tracks; it keeps the
+# best. Validation selects the weight after training (``PROMPT_WEIGHT_GRID``) and on the
+# Amazon sets picks 0 or 0.25, whose ranking kept improving after the fully prompted
+# merge (weight 1) had peaked: tracking weight 1 alone stopped ``dnc`` four to six epochs
+# early there (test R@20 +1.6% / +2.4% with both; docs/divide-and-conquer.md, section 18).
+MONITOR_PROMPT_WEIGHTS = (1.0, 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +145,8 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         m_values: list sizes.
         merged: evaluate through the per-cluster merge.
         merge: which merge (``quota`` or ``score``, alpha 1: no selection per epoch).
+        prompt_weights: the score merge's prompt weights to evaluate; the monitor keeps the
+            best (``val_prompt_weight`` logs which).
         samples_per_step: targets predicted per step (for throughput): the batch size, or
             for all-position training the batch size times the mean targets per window.
     """
@@ -151,9 +159,11 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         merged: bool,
         samples_per_step: float,
         merge: str = "quota",
+        prompt_weights: Tuple[float, ...] = (1.0,),
     ):
         super().__init__()
         self.merge = merge
+        self.prompt_weights = tuple(prompt_weights)
         self.eval_data = eval_data
         self.item_cluster = item_cluster
         self.m_values = m_values
@@ -176,7 +186,21 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         logs["samples_per_second"] = self._steps * self.samples_per_step / max(elapsed, 1e-9)
         if self._scorer is None or self._scorer.model is not self.model:
             self._scorer = ModelScorer(self.model)  # traced once, not every epoch
-        result = evaluation.evaluate(
+        weights = self.prompt_weights if self.merged and self.merge == "score" else (1.0,)
+        results = {w: self._evaluate(w) for w in weights}
+        best = max(weights, key=lambda w: mean_recall(results[w].recall))
+        result = results[best]
+        for m in self.m_values:
+            logs[f"val_recall@{m}"] = result.recall[m]
+            logs[f"val_within_cluster_recall@{m}"] = result.within_cluster_recall[m]
+        logs[MONITOR] = mean_recall(result.recall)
+        if len(weights) > 1:
+            logs["val_prompt_weight"] = best
+        if result.intent_top1 is not None:
+            logs["val_intent_top1"] = result.intent_top1
+
+    def _evaluate(self, prompt_weight: float) -> evaluation.EvaluationResult:
+        return evaluation.evaluate(
             self._scorer,
             self.eval_data.histories,
             self.eval_data.targets,
@@ -187,13 +211,8 @@ class ValidationRecall(tf.keras.callbacks.Callback):
             progress=False,
             users=self.eval_data.users,
             merge=self.merge,
+            prompt_weight=prompt_weight,
         )
-        for m in self.m_values:
-            logs[f"val_recall@{m}"] = result.recall[m]
-            logs[f"val_within_cluster_recall@{m}"] = result.within_cluster_recall[m]
-        logs[MONITOR] = mean_recall({m: result.recall[m] for m in self.m_values})
-        if result.intent_top1 is not None:
-            logs["val_intent_top1"] = result.intent_top1
 
 
 def build_model(config: TrainConfig, items: data.ItemsTable) -> RetrievalModel:
@@ -313,6 +332,7 @@ def _callbacks(
             get_variant(config.variant).merged,
             config.batch_size if samples_per_step is None else samples_per_step,
             merge=MONITOR_MERGE,
+            prompt_weights=MONITOR_PROMPT_WEIGHTS,
         ),
         tf.keras.callbacks.BackupAndRestore(os.path.join(config.output, "backup")),
         tf.keras.callbacks.EarlyStopping(

@@ -11,9 +11,16 @@ import tensorflow as tf
 
 from pipeline.cli import main
 from pipeline.evaluator import popularity_recall
-from trainer import data, sequence_data, significance
+from trainer import data, evaluation, sequence_data, significance
 from trainer.config import VARIANTS, ModelConfig, TrainConfig, make_train_config
-from trainer.train import MONITOR, ModelScorer, load_model, train
+from trainer.train import (
+    MONITOR,
+    MONITOR_PROMPT_WEIGHTS,
+    ModelScorer,
+    load_model,
+    mean_recall,
+    train,
+)
 
 SMALL = ModelConfig(embedding_dim=16, max_len=10, num_blocks=1, dropout=0.0)
 
@@ -36,6 +43,26 @@ def test_every_variant_trains_and_reports_validation_recall(tiny_data, tmp_path,
     assert np.isclose(epoch[MONITOR], (epoch["val_recall@5"] + epoch["val_recall@10"]) / 2)
     assert epoch["samples_per_second"] > 0
     assert os.path.exists(os.path.join(result.model_dir, "model.json"))
+
+
+def test_the_dnc_monitor_keeps_the_best_prompt_weight(tiny_data, tmp_path):
+    """Merged variants' monitor: the score merge at weights 1 and 0, the better one (the
+    epoch's weights are the saved ones: one epoch, restored best = last)."""
+    config = _config(tiny_data, tmp_path, "dnc", steps_per_epoch=5)
+    (epoch,) = train(config, verbose=0).history
+    model, _ = load_model(str(tmp_path))
+    items = data.load_items(tiny_data)
+    ev = data.evaluation_data(tiny_data, "validation", SMALL.max_len, max_users=40, seed=42)
+    means = {}
+    for w in MONITOR_PROMPT_WEIGHTS:
+        result = evaluation.evaluate(
+            ModelScorer(model), ev.histories, ev.targets, ev.exclude, items.item_cluster,
+            m_values=(5, 10), merge="score", prompt_weight=w, progress=False,
+        )  # fmt: skip
+        means[w] = mean_recall(result.recall)
+    assert epoch["val_prompt_weight"] in means
+    assert np.isclose(epoch[MONITOR], max(means.values()), atol=1e-6)
+    assert np.isclose(epoch[MONITOR], means[epoch["val_prompt_weight"]], atol=1e-6)
 
 
 def test_save_load_gives_the_same_user_embeddings(tiny_data, tmp_path):
