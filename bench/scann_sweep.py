@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 if ROOT not in sys.path:
@@ -67,8 +67,10 @@ def cluster_queries(
     """Queries [count, d] for one index over every cluster: each pooled within one random
     cluster (a history about one interest), as :func:`queries` pools within its cluster."""
     rng = np.random.default_rng(seed)
-    picks = rng.choice(np.unique(cluster), size=count)
-    rows = [queries(embeddings[cluster == c], 1, seed + i)[0] for i, c in enumerate(picks)]
+    labels = np.unique(cluster)
+    members = {c: np.flatnonzero(cluster == c) for c in labels}
+    picks = rng.choice(labels, size=count)
+    rows = [queries(embeddings[members[c]], 1, seed + i)[0] for i, c in enumerate(picks)]
     return np.stack(rows)
 
 
@@ -104,17 +106,16 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def sweep_cluster(
-    emb: np.ndarray, args: argparse.Namespace, seed: int, q: Optional[np.ndarray] = None
+    emb: np.ndarray, q: np.ndarray, args: argparse.Namespace, global_index: bool = False
 ) -> Dict[str, Any]:
-    """Every (leaves_fraction, reorder) point of one index over ``emb``, and brute force;
-    ``q``: its queries (None: pooled over ``emb``, one cluster's items)."""
+    """Every (leaves_fraction, reorder) point of one index over ``emb`` for the queries
+    ``q``, and brute force; ``global_index``: ``emb`` is every item, not one cluster's."""
     import tensorflow as tf
     import tensorflow_recommenders as tfrs
 
     from serving.indexes import build_index, index_plan
 
     k = args.k
-    q = queries(emb, args.queries, seed) if q is None else q
     exact = exact_top(emb, q, k)
     identifiers = np.arange(len(emb)).astype(str)
     brute = tfrs.layers.factorized_top_k.BruteForce(k=k)
@@ -146,7 +147,7 @@ def sweep_cluster(
             print(f"  n={len(emb)} {points[-1]}", flush=True)
     return {
         "size": len(emb),
-        "global": False,
+        "global": global_index,
         "brute_force": {
             "p50_ms": round(reference["p50_ms"], 3),
             "p99_ms": round(reference["p99_ms"], 3),
@@ -168,7 +169,7 @@ def markdown(report: Dict[str, Any]) -> str:
         bf = cluster["brute_force"]
         lines += [
             "",
-            f"**{'One index over all' if cluster.get('global') else 'Cluster of'} "
+            f"**{'One index over all' if cluster['global'] else 'Cluster of'} "
             f"{cluster['size']:,} items** (brute force p50 {bf['p50_ms']:.2f} ms, "
             f"p99 {bf['p99_ms']:.2f} ms)",
             "",
@@ -203,7 +204,7 @@ def plot(report: Dict[str, Any], path: str) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("p50 latency per query (ms)")
         ax.set_ylabel(f"recall@{report['settings']['k']} vs exact")
-        scope = "one index over" if cluster.get("global") else "cluster of"
+        scope = "one index over" if cluster["global"] else "cluster of"
         ax.set_title(f"{scope} {cluster['size']:,} items")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -250,10 +251,11 @@ def main() -> int:
     for which in args.which.split(","):
         if which == GLOBAL:
             q = cluster_queries(emb, cluster, args.queries, args.seed)
-            result = {**sweep_cluster(np.ascontiguousarray(emb), args, -1, q), "global": True}
+            result = sweep_cluster(np.ascontiguousarray(emb), q, args, global_index=True)
         else:
-            rows = np.flatnonzero(cluster == int(which))
-            result = sweep_cluster(np.ascontiguousarray(emb[rows]), args, int(which))
+            members = np.ascontiguousarray(emb[cluster == int(which)])
+            q = queries(members, args.queries, int(which))
+            result = sweep_cluster(members, q, args)
         report["clusters"].append(result)
     report["load_average_end"] = load_average()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -183,13 +183,7 @@ def index_plans(
     data: Dict[str, np.ndarray], index: str, args: argparse.Namespace
 ) -> List[Dict[str, Any]]:
     """The plan ``dnc export`` would choose for each cluster's index."""
-    from serving.indexes import index_plan
-
-    k = args.max_num_results + args.max_history
-    return [
-        index_plan(int(s), k, index, args.scann_min_size, args.leaves_fraction)
-        for s in data["sizes"]
-    ]
+    return [_plan(int(s), index, args, args.leaves_fraction) for s in data["sizes"]]
 
 
 def build_module(
@@ -234,11 +228,15 @@ def build_module(
 
 def global_plan(data: Dict[str, np.ndarray], index: str, args: argparse.Namespace):
     """The plan ``dnc export`` would choose for one index over every item."""
+    return _plan(int(np.sum(data["sizes"])), index, args, args.global_leaves_fraction)
+
+
+def _plan(size: int, index: str, args: argparse.Namespace, leaves_fraction: float):
+    """``dnc export``'s plan of one index over ``size`` items (k: results + history)."""
     from serving.indexes import index_plan
 
     k = args.max_num_results + args.max_history
-    size = int(np.sum(data["sizes"]))
-    return index_plan(size, k, index, args.scann_min_size, args.global_leaves_fraction)
+    return index_plan(size, k, index, args.scann_min_size, leaves_fraction)
 
 
 def export_synthetic(

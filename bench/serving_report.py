@@ -116,8 +116,9 @@ def markdown(report: Dict[str, Any]) -> str:
         "",
         "Latencies in ms (client side for gRPC, including proto conversion). Recall: share "
         "of the brute-force `serving_default` list that ScaNN returns for the same requests "
-        "(ScaNN plans of `index_plan` with `--leaves-fraction`; raise it to trade latency "
-        "for recall). Isotropic noise in d dimensions is a hard case for partition-based ANN; "
+        "(ScaNN plans of `index_plan` with `--leaves-fraction`, and `--global-leaves-fraction` "
+        "for the one index over all items; raise them to trade latency for recall). "
+        "Isotropic noise in d dimensions is a hard case for partition-based ANN; "
         "`--latent-dim` concentrates it in a subspace, closer to learned embeddings.",
         "",
     ]

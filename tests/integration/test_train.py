@@ -52,7 +52,9 @@ def test_the_dnc_monitor_keeps_the_best_prompt_weight(tiny_data, tmp_path):
     (epoch,) = train(config, verbose=0).history
     model, _ = load_model(str(tmp_path))
     items = data.load_items(tiny_data)
-    ev = data.evaluation_data(tiny_data, "validation", SMALL.max_len, max_users=40, seed=42)
+    ev = data.evaluation_data(
+        tiny_data, "validation", SMALL.max_len, max_users=config.eval_users, seed=config.seed
+    )
     means = {}
     for w in MONITOR_PROMPT_WEIGHTS:
         result = evaluation.evaluate(
