@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-serving-lowrank bench-serving-default bench-merge bench-profile bench-load lock clean
+.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-serving-lowrank bench-serving-default bench-grpc-floor bench-merge bench-profile bench-load lock clean
 
 venv: $(STAMP)
 
@@ -128,7 +128,7 @@ bench-defaults: venv
 	$(BIN)/dnc preprocess --source synthetic --synthetic-users 6040 --synthetic-items 3706 \
 		--synthetic-mean-length 165 --output runs/synthetic-ml1m
 	$(BIN)/python bench/defaults.py --data runs/synthetic-ml1m --convergence-variants dnc \
-		--out bench/results/defaults-ml1m-issue11-lr-decay
+		--out bench/results/defaults-ml1m-issue11-patience
 
 bench-serving: venv
 	$(BIN)/python bench/serving.py
@@ -150,6 +150,10 @@ bench-serving-default: venv
 bench-merge: venv
 	$(BIN)/python bench/merge_latency.py --size 1000000 --latent-dim 8 \
 		--out bench/results/serving-merge-1m
+
+# The fixed cost of one gRPC request: a trivial model through the server, a bare gRPC echo.
+bench-grpc-floor: venv
+	$(BIN)/python bench/grpc_floor.py --out bench/results/grpc-floor
 
 # One request at 1M items split into its stages (gRPC protos, vocabulary, tower, each index
 # search, exclusion, merge), ScaNN and brute force.

@@ -158,13 +158,23 @@ def run_in_process(
 class ChildServer:
     """``serving.server.Server`` in a child process (this script with ``--serve-child``).
 
-    The child prints ``PORT n`` once serving and stops when its stdin closes.
+    The child prints ``PORT n`` once serving and stops when its stdin closes. ``command``
+    starts another child with that contract instead.
     """
 
-    def __init__(self, base_path: str, name: str, timeout: float, batching_file: str = "") -> None:
-        command = [sys.executable, os.path.abspath(__file__), _CHILD_FLAG, base_path, name]
+    def __init__(
+        self,
+        base_path: str,
+        name: str,
+        timeout: float,
+        batching_file: str = "",
+        command: Optional[List[str]] = None,
+    ) -> None:
+        if command is None:
+            command = [sys.executable, os.path.abspath(__file__), _CHILD_FLAG, base_path, name]
+            command += [batching_file] if batching_file else []
         self.process = subprocess.Popen(  # noqa: S603
-            command + ([batching_file] if batching_file else []),
+            command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
