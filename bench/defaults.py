@@ -177,6 +177,9 @@ def main() -> None:
         help='more settings timed beside the defaults: JSON {name: {"variant": V, field: value}}',
     )
     parser.add_argument("--title", default=None)
+    parser.add_argument(
+        "--workdir", default=None, help="keep the trained models here (default: a temp dir)"
+    )
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
     with open(os.path.join(args.data, "stats.json"), encoding="utf-8") as f:
@@ -192,7 +195,8 @@ def main() -> None:
     }
     quality.write_outputs(args.out, report, markdown(report))
     if not args.no_convergence:
-        work = tempfile.mkdtemp(prefix="dnc-defaults-")
+        work = args.workdir or tempfile.mkdtemp(prefix="dnc-defaults-")
+        print(f"trained models under {work}", flush=True)
         trained = (args.convergence_variants or args.variants).split(",")
         for variant in [v for v in trained if v]:
             report["convergence"][variant] = convergence(args, variant, work)

@@ -142,6 +142,8 @@ def evaluate(
 ) -> EvaluationResult:
     """Exact Recall@M, within-cluster recall, intent accuracy and diversity.
 
+    :func:`evaluate_weights` at the one ``prompt_weight``; the arguments are its.
+
     Args:
         scorer: the model (see :class:`Scorer`).
         histories: ``[U, L]`` right-aligned model item ids, left padding.
@@ -173,48 +175,106 @@ def evaluate(
         The :class:`EvaluationResult`. ``within_cluster_recall`` is also the recall
         of an oracle intent: the top-M of the target's own cluster.
     """
+    (result,) = evaluate_weights(
+        scorer, histories, targets, exclude, item_cluster, m_values, alpha, merged,
+        batch_size, progress, memory_budget, users, merge, diversity_lambda, (prompt_weight,),
+    )  # fmt: skip
+    return result
+
+
+def evaluate_weights(
+    scorer: Scorer,
+    histories: np.ndarray,
+    targets: np.ndarray,
+    exclude: object,
+    item_cluster: np.ndarray,
+    m_values: Sequence[int] = (20, 50),
+    alpha: Optional[float] = None,
+    merged: bool = True,
+    batch_size: int = 256,
+    progress: Optional[bool] = None,
+    memory_budget: int = MEMORY_BUDGET_BYTES,
+    users: Optional[np.ndarray] = None,
+    merge: str = "quota",
+    diversity_lambda: float = 0.0,
+    prompt_weights: Sequence[float] = (1.0,),
+) -> Tuple[EvaluationResult, ...]:
+    """:func:`evaluate` at several prompt weights of the score merge, one result per weight
+    (in order). The towers run once per user batch whatever the number of weights
+    (``candidate_lists.weighted_batches``); each weight gets its own per-cluster lists.
+    """
     ms = _check_m(m_values)
     _check_merge(merge)
     alpha = check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
     data = candidate_lists.prepare(scorer, histories, targets, exclude, item_cluster, users)
-    k = data.num_tasks
-    # Per-user values, averaged at the end: results do not depend on the batching.
-    parts: Dict[str, list] = {}
+    lam = float(diversity_lambda)
+    if not lam >= 0:
+        raise ValueError(f"diversity_lambda must be >= 0, got {diversity_lambda}")
+    weights = tuple(_check_prompt_weight(w, merge) for w in prompt_weights)
+    if not weights:
+        raise ValueError("prompt_weights must hold at least one weight")
+    # Per-user values of each weight, averaged at the end: results do not depend on the
+    # batching.
+    sums: Tuple[Dict[str, list], ...] = tuple({} for _ in weights)
+    has_intent = False
+    batches = candidate_lists.weighted_batches(
+        scorer, data, max(ms), merged, batch_size, progress, memory_budget, lam > 0, weights
+    )
+    for group in batches:
+        has_intent = group[0].intent is not None
+        for parts, batch, w in zip(sums, group, weights, strict=True):
+            _add_batch(parts, batch, ms, alpha if has_intent else 0.0, merged, merge, w, data, lam)
+    return tuple(_result(parts, data, ms, merged, merge, alpha, has_intent, lam) for parts in sums)
+
+
+def _add_batch(
+    parts: Dict[str, list],
+    batch: ListBatch,
+    ms: Tuple[int, ...],
+    alpha: float,
+    merged: bool,
+    merge: str,
+    prompt_weight: float,
+    data: candidate_lists.EvalData,
+    lam: float,
+) -> None:
+    """Adds one user batch's per-user values at one prompt weight to ``parts``."""
 
     def add(key: str, values: np.ndarray) -> None:
         parts.setdefault(key, []).append(np.asarray(values, dtype=np.float64))
 
-    has_intent = False
-    lam = float(diversity_lambda)
-    if not lam >= 0:
-        raise ValueError(f"diversity_lambda must be >= 0, got {diversity_lambda}")
-    prompt_weight = _check_prompt_weight(prompt_weight, merge)
-    batches = candidate_lists.batches(
-        scorer, data, max(ms), merged, batch_size, progress, memory_budget, lam > 0, prompt_weight
-    )
-    for batch in batches:
-        has_intent = batch.intent is not None
-        used_alpha = alpha if has_intent else 0.0
-        if has_intent:
-            add("intent_top1", metrics.intent_hits(batch.intent, batch.target_clusters, 1))
-            add("intent_top3", metrics.intent_hits(batch.intent, batch.target_clusters, 3))
-        rows = np.arange(batch.targets.shape[0])
-        for m in ms:
-            if merged:
-                lists = _merge(batch, m, used_alpha, merge, prompt_weight)
-            else:
-                lists = _plain_list(batch, m, data.item_cluster, lam)
-                merged_lists = _merge(batch, m, used_alpha, merge, prompt_weight)
-                add(f"merged_recall@{m}", metrics.hits(merged_lists, batch.targets))
-            add(f"recall@{m}", metrics.hits(lists, batch.targets))
-            if m == max(ms):
-                add("target_cluster", batch.target_clusters)
-            own = batch.ids[rows, batch.target_clusters, :m]
-            add(f"within_cluster_recall@{m}", metrics.hits(own, batch.targets))
-            covered, entropy = metrics.cluster_diversity(lists, data.item_cluster, k)
-            add(f"clusters_covered@{m}", covered)
-            add(f"entropy@{m}", entropy)
+    if batch.intent is not None:
+        add("intent_top1", metrics.intent_hits(batch.intent, batch.target_clusters, 1))
+        add("intent_top3", metrics.intent_hits(batch.intent, batch.target_clusters, 3))
+    rows = np.arange(batch.targets.shape[0])
+    for m in ms:
+        if merged:
+            lists = _merge(batch, m, alpha, merge, prompt_weight)
+        else:
+            lists = _plain_list(batch, m, data.item_cluster, lam)
+            merged_lists = _merge(batch, m, alpha, merge, prompt_weight)
+            add(f"merged_recall@{m}", metrics.hits(merged_lists, batch.targets))
+        add(f"recall@{m}", metrics.hits(lists, batch.targets))
+        if m == max(ms):
+            add("target_cluster", batch.target_clusters)
+        own = batch.ids[rows, batch.target_clusters, :m]
+        add(f"within_cluster_recall@{m}", metrics.hits(own, batch.targets))
+        covered, entropy = metrics.cluster_diversity(lists, data.item_cluster, data.num_tasks)
+        add(f"clusters_covered@{m}", covered)
+        add(f"entropy@{m}", entropy)
 
+
+def _result(
+    parts: Dict[str, list],
+    data: candidate_lists.EvalData,
+    ms: Tuple[int, ...],
+    merged: bool,
+    merge: str,
+    alpha: float,
+    has_intent: bool,
+    lam: float,
+) -> EvaluationResult:
+    """The :class:`EvaluationResult` of one prompt weight's accumulated ``parts``."""
     users = data.histories.shape[0]
     hits = {m: np.concatenate(parts[f"recall@{m}"]).astype(bool) for m in ms}
     hits_at_m = hits[max(ms)]

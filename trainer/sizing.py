@@ -14,7 +14,11 @@ sections 10 and 16):
   constant 1e-3 needed 45 epochs (27.6 minutes on 2 cores) to converge, while 2e-3 was
   below 1e-3 on validation on all three real sets (52K-198K). ``sasrec`` gained from the
   same schedule there too (36.5 instead of 55 minutes, test R@20 / R@50 0.7008 / 0.8303
-  against 0.6940 / 0.8272); ``sasrec``'s width is 50 in its regime already.
+  against 0.6940 / 0.8272); ``sasrec``'s width is 50 in its regime already. Early
+  stopping there waits ``LARGE_DATA_PATIENCE`` epochs instead of 3: by the third epoch
+  without improvement the decay has cut the rate to an eighth, and on the ML-1M-sized set
+  the epochs it waited beyond the second never changed the model kept by more than 0.0012
+  validation recall (section 19).
 
 A third follows how long the users' sequences are (section 17):
 
@@ -41,6 +45,7 @@ SMALL_DATA_DIM = 50
 LARGE_DATA_INTERACTIONS = 500_000
 LARGE_DATA_LEARNING_RATE = 3e-3
 LARGE_DATA_LR_DECAY = 0.5
+LARGE_DATA_PATIENCE = 2
 # The variants whose default regime is sized by the data (the others keep theirs).
 SIZED_VARIANTS = ("dnc", "sasrec")
 SPARSE_MEAN_LENGTH = 20
@@ -86,7 +91,11 @@ def sized_defaults(variant: str, preset: str, data: str) -> Dict[str, Any]:
     if interactions < SMALL_DATA_INTERACTIONS:
         sized["embedding_dim"] = SMALL_DATA_DIM
     if interactions >= LARGE_DATA_INTERACTIONS:
-        sized.update(learning_rate=LARGE_DATA_LEARNING_RATE, lr_decay=LARGE_DATA_LR_DECAY)
+        sized.update(
+            learning_rate=LARGE_DATA_LEARNING_RATE,
+            lr_decay=LARGE_DATA_LR_DECAY,
+            patience=LARGE_DATA_PATIENCE,
+        )
     if interactions < SPARSE_MEAN_LENGTH * max(users, 1):
         sized.update(dropout=SPARSE_DROPOUT, embedding_dim=SPARSE_DIM)
     return sized

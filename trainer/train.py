@@ -187,7 +187,7 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         if self._scorer is None or self._scorer.model is not self.model:
             self._scorer = ModelScorer(self.model)  # traced once, not every epoch
         weights = self.prompt_weights if self.merged and self.merge == "score" else (1.0,)
-        results = {w: self._evaluate(w) for w in weights}
+        results = dict(zip(weights, self._evaluate(weights), strict=True))  # one tower pass
         best = max(weights, key=lambda w: mean_recall(results[w].recall))
         result = results[best]
         for m in self.m_values:
@@ -199,8 +199,8 @@ class ValidationRecall(tf.keras.callbacks.Callback):
         if result.intent_top1 is not None:
             logs["val_intent_top1"] = result.intent_top1
 
-    def _evaluate(self, prompt_weight: float) -> evaluation.EvaluationResult:
-        return evaluation.evaluate(
+    def _evaluate(self, weights: Tuple[float, ...]) -> Tuple[evaluation.EvaluationResult, ...]:
+        return evaluation.evaluate_weights(
             self._scorer,
             self.eval_data.histories,
             self.eval_data.targets,
@@ -211,7 +211,7 @@ class ValidationRecall(tf.keras.callbacks.Callback):
             progress=False,
             users=self.eval_data.users,
             merge=self.merge,
-            prompt_weight=prompt_weight,
+            prompt_weights=weights,
         )
 
 

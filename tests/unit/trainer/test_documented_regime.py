@@ -13,11 +13,12 @@ import re
 import pytest
 
 from trainer import knobs
-from trainer.config import PRESETS, VARIANTS, make_train_config
+from trainer.config import PRESETS, VARIANTS, TrainConfig, make_train_config
 from trainer.sizing import (
     LARGE_DATA_INTERACTIONS,
     LARGE_DATA_LEARNING_RATE,
     LARGE_DATA_LR_DECAY,
+    LARGE_DATA_PATIENCE,
     SMALL_DATA_DIM,
     SMALL_DATA_INTERACTIONS,
     SPARSE_DIM,
@@ -127,16 +128,19 @@ def test_dnc_and_sasrec_learn_faster_with_a_decay_on_large_data(tmp_path):
         config = make_train_config(large, "o", variant)
         assert config.learning_rate == LARGE_DATA_LEARNING_RATE
         assert config.lr_decay == LARGE_DATA_LR_DECAY < 1.0
+        assert config.patience == LARGE_DATA_PATIENCE < TrainConfig.patience
         assert config.model.embedding_dim == width  # the large-data rule keeps the width
     explicit = make_train_config(large, "o", "dnc", learning_rate=5e-4)
     assert (explicit.learning_rate, explicit.lr_decay) == (5e-4, LARGE_DATA_LR_DECAY)
     assert make_train_config(large, "o", "dnc", lr_decay=1.0).lr_decay == 1.0
+    assert make_train_config(large, "o", "dnc", patience=5).patience == 5
     for other in (
         make_train_config(large, "o", "sasrec-mixed"),
         make_train_config(large, "o", "dnc", "paper"),
         make_train_config(large, "o", "sasrec", "paper"),
     ):
         assert (other.learning_rate, other.lr_decay) == (1e-3, 1.0)
+        assert other.patience == TrainConfig.patience
 
 
 def test_sparse_data_gets_more_dropout_and_narrower_embeddings(tmp_path):
@@ -178,6 +182,7 @@ def test_the_readme_states_the_data_sized_rules():
     assert f"from {LARGE_DATA_INTERACTIONS:,} interactions on" in text
     assert f"starts at {LARGE_DATA_LEARNING_RATE:g}" in text
     assert f"`--lr-decay {LARGE_DATA_LR_DECAY:g}`" in text
+    assert f"`--patience {LARGE_DATA_PATIENCE}`" in text
     assert f"fewer than {SPARSE_MEAN_LENGTH} interactions on average" in text
     sparse = f"the dropout is {SPARSE_DROPOUT:g} instead of 0.2 and the embeddings are {SPARSE_DIM}"
     assert sparse in text

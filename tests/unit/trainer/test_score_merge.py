@@ -208,3 +208,38 @@ def test_blended_joint_score_lists_match_the_brute_force_blend():
             np.testing.assert_array_equal(batch.ids[row, c, : len(best)], best)
             z = np.log(np.exp(s.astype(np.float64)).sum())
             assert batch.log_z[row, c] == pytest.approx(z, rel=1e-5)
+
+
+def test_evaluating_several_prompt_weights_at_once_equals_one_at_a_time():
+    """evaluate_weights (one tower pass, the training monitor's path) gives each weight the
+    result evaluate gives it alone, and runs the towers once per user batch."""
+    num_items, k = 60, 4
+    scorer = MeanPoolScorer.random(num_items=num_items, num_tasks=k, dim=6, seed=13)
+    rng = np.random.default_rng(13)
+    item_cluster = np.concatenate([[-1], rng.integers(0, k, num_items)])
+    histories = rng.integers(1, num_items + 1, size=(40, 6))
+    targets = rng.integers(1, num_items + 1, size=40)
+    weights = (1.0, 0.0, 0.5)
+    calls = []
+    user_embeddings = scorer.user_embeddings
+    scorer.user_embeddings = lambda *a, **kw: calls.append(1) or user_embeddings(*a, **kw)
+    together = evaluation.evaluate_weights(
+        scorer, histories, targets, None, item_cluster, m_values=(5, 10), merge="score",
+        batch_size=16, prompt_weights=weights,
+    )  # fmt: skip
+    assert len(calls) == 3  # 40 users in batches of 16: one tower call per batch
+    assert [r.recall for r in together] != [together[0].recall] * 3  # the weights differ
+    for w, got in zip(weights, together, strict=True):
+        alone = evaluation.evaluate(
+            scorer, histories, targets, None, item_cluster, m_values=(5, 10), merge="score",
+            batch_size=16, prompt_weight=w,
+        )  # fmt: skip
+        assert got.recall == alone.recall
+        assert got.within_cluster_recall == alone.within_cluster_recall
+        assert got.intent_top1 == alone.intent_top1
+        for m in (5, 10):
+            np.testing.assert_array_equal(got.hits[m], alone.hits[m])
+    with pytest.raises(ValueError, match="at least one"):
+        evaluation.evaluate_weights(
+            scorer, histories, targets, None, item_cluster, prompt_weights=()
+        )
