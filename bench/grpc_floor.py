@@ -28,6 +28,7 @@ trivial model, against the p50 that 10x below brute force needs. Writes ``OUT.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -123,24 +124,26 @@ def measure(args: argparse.Namespace, work: str) -> Dict[str, Any]:
     request.model_spec.name = MODEL_NAME
     request.inputs["history"].CopyFrom(tf.make_tensor_proto(ids))
     fn = tf.saved_model.load(os.path.join(base, "1")).signatures["serving_default"]
-    echo = echo_server(args.start_timeout)
-    server = ChildServer(base, MODEL_NAME, args.start_timeout)
-    channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for s in (echo, server)]
-    try:
-        stubs = [prediction_service_pb2_grpc.PredictionServiceStub(c) for c in channels]
-        with PredictClient(f"127.0.0.1:{server.port}", MODEL_NAME, timeout=60) as client:
-            calls: Dict[str, Callable[[], Any]] = {
-                "grpc_echo": lambda: stubs[0].Predict(request, timeout=60),
-                "dnc_serve_stub": lambda: stubs[1].Predict(request, timeout=60),
-                "dnc_serve_client": lambda: client.predict({"history": ids}),
-                "in_process": lambda: fn(history=tf.constant(ids))["item_ids"].numpy(),
-            }
-            return time_rounds(calls, args.requests, args.warmup)
-    finally:
-        for channel in channels:
-            channel.close()
-        echo.close()
-        server.close()
+    # Whatever fails (a child that does not start included), every child started is stopped.
+    with contextlib.ExitStack() as stack:
+        echo = echo_server(args.start_timeout)
+        stack.callback(echo.close)
+        server = ChildServer(base, MODEL_NAME, args.start_timeout)
+        stack.callback(server.close)
+        stubs = []
+        for child in (echo, server):
+            channel = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{child.port}"))
+            stubs.append(prediction_service_pb2_grpc.PredictionServiceStub(channel))
+        client = stack.enter_context(
+            PredictClient(f"127.0.0.1:{server.port}", MODEL_NAME, timeout=60)
+        )
+        calls: Dict[str, Callable[[], Any]] = {
+            "grpc_echo": lambda: stubs[0].Predict(request, timeout=60),
+            "dnc_serve_stub": lambda: stubs[1].Predict(request, timeout=60),
+            "dnc_serve_client": lambda: client.predict({"history": ids}),
+            "in_process": lambda: fn(history=tf.constant(ids))["item_ids"].numpy(),
+        }
+        return time_rounds(calls, args.requests, args.warmup)
 
 
 def time_rounds(calls: Dict[str, Callable[[], Any]], rounds: int, warmup: int) -> Dict[str, Any]:
