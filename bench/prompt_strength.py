@@ -63,7 +63,7 @@ class SoftPromptScorer:
 
 def analyse(args: argparse.Namespace) -> Dict[str, Any]:
     from preprocessing import features
-    from trainer import data, evaluation
+    from trainer import data, evaluation, merge_selection
     from trainer.train import ModelScorer, load_model
 
     model, config = load_model(args.model, args.data)
@@ -96,7 +96,7 @@ def analyse(args: argparse.Namespace) -> Dict[str, Any]:
     sweep = {}
     for w in args.strengths:
         scorer = SoftPromptScorer(base, prompts, w)
-        sel = evaluation.select_merge(
+        sel = merge_selection.select_merge(
             scorer, val.histories, val.targets, val.exclude, items.item_cluster,
             grids={"score": SCORE_ALPHAS}, m=50,
         )  # fmt: skip

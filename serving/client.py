@@ -27,7 +27,7 @@ log = logging.getLogger("dnc.serving")
 
 RETRIEVE_SIGNATURE = "retrieve"
 FILTERED_SIGNATURE = "retrieve_filtered"
-DEFAULT_ALPHA = 1.0  # same default as trainer.evaluation.DEFAULT_ALPHA
+DEFAULT_ALPHA = 1.0  # same default as trainer.merges.DEFAULT_ALPHA
 DEFAULT_NUM_RESULTS = 10
 ArrayLike = Union[np.ndarray, List[Any], Any]
 

@@ -57,7 +57,7 @@ from serving.index_kinds import GLOBAL_LEAVES_FRACTION, INDEX_KINDS, LEAVES_FRAC
 from serving.indexes import index_plan
 from serving.model_config import METADATA_DIR, METADATA_FILE
 from serving.retrieval_module import RetrievalModule
-from trainer import data, evaluation
+from trainer import data, merge_selection
 from trainer.alpha import alpha_to_json, check_alpha
 from trainer.config import get_variant
 from trainer.score_merge import check_merge, check_prompt_weight, searches_one_global_index
@@ -186,18 +186,18 @@ def _validation_metrics(model_dir: str) -> Dict[str, Any]:
 def _select_merge(model, items: data.ItemsTable, cfg: ExportConfig, max_len: int):
     """(merge, alpha, prompt weight) with the best validation Recall@default_num_results."""
     validation = data.evaluation_data(cfg.data_dir, features.VALIDATION, max_len)
-    selection = evaluation.select_merge(
+    selection = merge_selection.select_merge(
         ModelScorer(model),
         validation.histories,
         validation.targets,
         validation.exclude,
         items.item_cluster,
-        grids=evaluation.selection_grids(cfg.merge, cfg.alpha),
+        grids=merge_selection.selection_grids(cfg.merge, cfg.alpha),
         m=cfg.default_num_results,
         merged=True,
         progress=False,
         users=validation.users,
-        prompt_weights=evaluation.selection_weights(cfg.prompt_weight),
+        prompt_weights=merge_selection.selection_weights(cfg.prompt_weight),
     )
     log.info(
         "merge %s, alpha %s, prompt weight %s selected on validation:\n%s",

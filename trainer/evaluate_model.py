@@ -14,7 +14,7 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 from preprocessing import features
-from trainer import data, evaluation
+from trainer import data, evaluation, merge_selection, merges
 from trainer.alpha import alpha_to_json
 from trainer.config import get_variant
 from trainer.significance import write_hits
@@ -22,7 +22,7 @@ from trainer.train import ModelScorer, load_model
 
 log = logging.getLogger(__name__)
 
-ALPHA_GRID = evaluation.DEFAULT_ALPHA_GRID
+ALPHA_GRID = merges.DEFAULT_ALPHA_GRID
 
 
 def evaluate_model(
@@ -46,7 +46,7 @@ def evaluate_model(
         m_values: list sizes M.
         alpha: quota exponent; None selects it on validation from ``alpha_grid``.
         alpha_grid: candidates for the selection (None: each merge's own grid,
-            ``evaluation.MERGE_GRIDS``).
+            ``merges.MERGE_GRIDS``).
         split: ``test`` (default) or ``validation``.
         progress: tqdm bars (None: automatic).
         merge: ``quota`` or ``score``; None selects it on validation with alpha.
@@ -72,11 +72,11 @@ def evaluate_model(
     max_len = config.model.max_len
     selection = validation = None
     if alpha is None or merge is None:
-        grids = evaluation.selection_grids(merge, alpha)
+        grids = merge_selection.selection_grids(merge, alpha)
         if alpha_grid is not None and alpha is None:
             grids = {g: tuple(alpha_grid) for g in grids}
         validation = data.evaluation_data(data_dir, features.VALIDATION, max_len)
-        selection = evaluation.select_merge(
+        selection = merge_selection.select_merge(
             scorer,
             validation.histories,
             validation.targets,
@@ -87,7 +87,7 @@ def evaluate_model(
             merged=variant.merged,
             progress=progress,
             users=validation.users,
-            prompt_weights=evaluation.selection_weights(prompt_weight),
+            prompt_weights=merge_selection.selection_weights(prompt_weight),
         )
         merge, alpha = selection.merge, selection.alpha
         prompt_weight = selection.prompt_weight

@@ -24,7 +24,6 @@ M and reused for every M and every alpha.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,19 +31,14 @@ import numpy as np
 from trainer import candidate_lists, metrics
 from trainer.alpha import check_alpha
 from trainer.candidate_lists import MEMORY_BUDGET_BYTES, ListBatch, Scorer
-from trainer.metrics import AlphaSelection, EvaluationResult, MergeSelection
-
-DEFAULT_ALPHA = 1.0
-DEFAULT_ALPHA_GRID: Tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, math.inf)
-# alpha = 1 is the hierarchical softmax; 0 ignores the intent, inf takes clusters in order.
-SCORE_ALPHA_GRID: Tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 4.0, math.inf)
-MERGE_GRIDS: Dict[str, Tuple[float, ...]] = {
-    "quota": DEFAULT_ALPHA_GRID,
-    "score": SCORE_ALPHA_GRID,
-}
-# Prompt weights of the score merge (trainer.score_merge.blend_queries): 1 is the full
-# score merge, 0 the unprompted global ranking; first in order wins ties.
-PROMPT_WEIGHT_GRID: Tuple[float, ...] = (1.0, 0.75, 0.5, 0.25, 0.0)
+from trainer.merges import (
+    DEFAULT_ALPHA,
+    check_m,
+    check_merge,
+    check_prompt_weight,
+    merge_batch,
+)
+from trainer.metrics import EvaluationResult
 
 
 def _plain_list(batch: ListBatch, m: int, item_cluster: np.ndarray, lam: float) -> np.ndarray:
@@ -57,70 +51,6 @@ def _plain_list(batch: ListBatch, m: int, item_cluster: np.ndarray, lam: float) 
             batch.interest_scores[:, :, :m], batch.interest_ids[:, :, :m], item_cluster, m, lam
         )
     return metrics.global_from_cluster_lists(batch.ids[:, :, :m], batch.scores[:, :, :m], m)
-
-
-def _merge(
-    batch: ListBatch, m: int, alpha: float, merge: str = "quota", prompt_weight: float = 1.0
-) -> np.ndarray:
-    """Merge of a batch's per-cluster lists for list size m (uniform p without intent).
-
-    ``quota``: integer quotas (``trainer.quotas``), lists in cluster order;
-    ``score``: top-m by the joint score (``trainer.score_merge``), best first; the batch's
-    lists must come from the queries of the same ``prompt_weight``.
-    """
-    # Imported here: both modules load TensorFlow, which NumPy-only callers do not need.
-    from trainer import score_merge
-    from trainer.quotas import compute_quotas
-
-    p = batch.intent if batch.intent is not None else np.ones(batch.capacity.shape)
-    if merge == "score":
-        ids, _, _ = score_merge.score_merge(
-            batch.scores[:, :, :m], batch.ids[:, :, :m], batch.log_z, p, alpha, m, prompt_weight
-        )
-        return ids
-    quotas = np.asarray(compute_quotas(p, m, alpha, batch.capacity), dtype=np.int64)
-    return metrics.merge_lists(batch.ids[:, :, :m], quotas)
-
-
-def _check_m(m_values: Sequence[int]) -> Tuple[int, ...]:
-    ms = tuple(int(m) for m in m_values)
-    if not ms or min(ms) < 1:
-        raise ValueError(f"list sizes M must be >= 1, got {tuple(m_values)}")
-    return ms
-
-
-def _check_prompt_weight(prompt_weight: float, merge: str) -> float:
-    from trainer.score_merge import check_prompt_weight  # loads TensorFlow
-
-    return check_prompt_weight(prompt_weight, merge)
-
-
-def selection_weights(prompt_weight: Optional[float] = None) -> Tuple[float, ...]:
-    """The score merge's prompt weights left to select on validation: ``PROMPT_WEIGHT_GRID``,
-    or the one given."""
-    return PROMPT_WEIGHT_GRID if prompt_weight is None else (float(prompt_weight),)
-
-
-def _check_merge(merge: str) -> str:
-    if merge not in MERGE_GRIDS:
-        raise ValueError(f"unknown merge {merge!r}; expected one of {tuple(MERGE_GRIDS)}")
-    return merge
-
-
-def _points(grids: Dict[str, Sequence[float]], prompt_weights: Sequence[float]) -> list:
-    """(merge, alpha, prompt_weight) selection points in tie-breaking order: the quota merge
-    at weight 1; the score merge at every weight, a single alpha at weight 0 (no offsets)."""
-    from trainer.score_merge import check_prompt_weight
-
-    weights = tuple(check_prompt_weight(w) for w in prompt_weights)
-    if not weights:
-        raise ValueError("prompt_weights must hold at least one weight")
-    points = []
-    for merge, alphas in grids.items():
-        alphas = [check_alpha(a) for a in alphas]
-        for w in weights if _check_merge(merge) == "score" else (1.0,):
-            points += [(merge, a, w) for a in (alphas[:1] if w == 0.0 else alphas)]
-    return points
 
 
 def evaluate(
@@ -155,7 +85,8 @@ def evaluate(
         item_cluster: ``[N + 1]`` cluster of each model item id (-1 for pad).
         m_values: list sizes M.
         alpha: quota exponent; None means ``DEFAULT_ALPHA`` (1). Ignored (0) when
-            the scorer has no intent. Pick it on validation with :func:`select_alpha`.
+            the scorer has no intent. Pick it on validation with
+            :func:`trainer.merge_selection.select_merge`.
         merged: divide-and-conquer merge (True) or global top-M of the
             unconditioned embedding (False).
         batch_size: users per batch (lowered to fit ``memory_budget``).
@@ -203,14 +134,14 @@ def evaluate_weights(
     (in order). The towers run once per user batch whatever the number of weights
     (``candidate_lists.weighted_batches``); each weight gets its own per-cluster lists.
     """
-    ms = _check_m(m_values)
-    _check_merge(merge)
+    ms = check_m(m_values)
+    check_merge(merge)
     alpha = check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
     data = candidate_lists.prepare(scorer, histories, targets, exclude, item_cluster, users)
     lam = float(diversity_lambda)
     if not lam >= 0:
         raise ValueError(f"diversity_lambda must be >= 0, got {diversity_lambda}")
-    weights = tuple(_check_prompt_weight(w, merge) for w in prompt_weights)
+    weights = tuple(check_prompt_weight(w, merge) for w in prompt_weights)
     if not weights:
         raise ValueError("prompt_weights must hold at least one weight")
     # Per-user values of each weight, averaged at the end: results do not depend on the
@@ -249,10 +180,10 @@ def _add_batch(
     rows = np.arange(batch.targets.shape[0])
     for m in ms:
         if merged:
-            lists = _merge(batch, m, alpha, merge, prompt_weight)
+            lists = merge_batch(batch, m, alpha, merge, prompt_weight)
         else:
             lists = _plain_list(batch, m, data.item_cluster, lam)
-            merged_lists = _merge(batch, m, alpha, merge, prompt_weight)
+            merged_lists = merge_batch(batch, m, alpha, merge, prompt_weight)
             add(f"merged_recall@{m}", metrics.hits(merged_lists, batch.targets))
         add(f"recall@{m}", metrics.hits(lists, batch.targets))
         if m == max(ms):
@@ -306,114 +237,6 @@ def _result(
     )
 
 
-def select_merge(
-    scorer: Scorer,
-    histories: np.ndarray,
-    targets: np.ndarray,
-    exclude: object,
-    item_cluster: np.ndarray,
-    grids: Optional[Dict[str, Sequence[float]]] = None,
-    m: int = 50,
-    merged: bool = True,
-    batch_size: int = 256,
-    progress: Optional[bool] = None,
-    memory_budget: int = MEMORY_BUDGET_BYTES,
-    users: Optional[np.ndarray] = None,
-    prompt_weights: Sequence[float] = PROMPT_WEIGHT_GRID,
-) -> MergeSelection:
-    """Picks the merge, its alpha and (score merge) its prompt weight with the best
-    validation Recall@m.
-
-    The towers run once per batch and the per-cluster top lists once per prompt weight;
-    only the (cheap) merges are repeated for every point of the grids.
-
-    Args:
-        scorer: the model; it must have an intent head.
-        histories, targets, exclude, item_cluster: validation data, as in :func:`evaluate`.
-        grids: merge -> candidate alphas (>= 0, ``math.inf`` allowed); None:
-            ``MERGE_GRIDS`` (both merges).
-        m: list size of the selection metric.
-        merged: per-cluster lists from the conditioned tower (True) or from the
-            unconditioned embedding (False, the merge column of plain models).
-        batch_size, progress, memory_budget: as in :func:`evaluate`.
-        prompt_weights: the score merge's candidate weights (``PROMPT_WEIGHT_GRID``).
-
-    Returns:
-        The :class:`MergeSelection` (the first point in grid order wins ties).
-    """
-    (m,) = _check_m((m,))
-    grids = MERGE_GRIDS if grids is None else grids
-    points = _points(grids, prompt_weights)
-    if not points:
-        raise ValueError("grids must hold at least one alpha")
-    weights = tuple(dict.fromkeys(w for _, _, w in points))
-    data = candidate_lists.prepare(scorer, histories, targets, exclude, item_cluster, users)
-    found = {point: 0.0 for point in points}
-    batches = candidate_lists.weighted_batches(
-        scorer, data, m, merged, batch_size, progress, memory_budget, False, weights
-    )
-    for group in batches:
-        if group[0].intent is None:
-            raise ValueError("merge selection needs a scorer with intent (intent() returned None)")
-        for merge, a, w in points:
-            batch = group[weights.index(w)]
-            hits = metrics.hits(_merge(batch, m, a, merge, w), batch.targets)
-            found[(merge, a, w)] += float(np.sum(hits))
-    users = data.histories.shape[0]
-    recalls = {point: found[point] / users for point in points}
-    best = max(points, key=lambda point: (recalls[point], -points.index(point)))
-    return MergeSelection(
-        merge=best[0], alpha=best[1], m=m, recalls=recalls, users=users, prompt_weight=best[2]
-    )
-
-
-def selection_grids(
-    merge: Optional[str] = None, alpha: Optional[float] = None
-) -> Dict[str, Tuple[float, ...]]:
-    """The (merge, alpha) points left to select on validation when some are fixed.
-
-    ``merge=None`` searches both merges, ``alpha=None`` each merge's grid; a given
-    value pins that part (so both given leaves one point).
-    """
-    merges = tuple(MERGE_GRIDS) if merge is None else (_check_merge(merge),)
-    if alpha is None:
-        return {g: MERGE_GRIDS[g] for g in merges}
-    return {g: (check_alpha(alpha),) for g in merges}
-
-
-def select_alpha(
-    scorer: Scorer,
-    histories: np.ndarray,
-    targets: np.ndarray,
-    exclude: object,
-    item_cluster: np.ndarray,
-    grid: Sequence[float] = DEFAULT_ALPHA_GRID,
-    m: int = 50,
-    merged: bool = True,
-    batch_size: int = 256,
-    progress: Optional[bool] = None,
-    memory_budget: int = MEMORY_BUDGET_BYTES,
-    users: Optional[np.ndarray] = None,
-    merge: str = "quota",
-) -> AlphaSelection:
-    """Picks the alpha of one merge with the best validation Recall@m.
-
-    Arguments as in :func:`select_merge`, with one ``grid`` for ``merge``.
-
-    Returns:
-        The :class:`AlphaSelection` (best alpha first in grid order on ties).
-    """
-    alphas = tuple(check_alpha(a) for a in grid)
-    if not alphas:
-        raise ValueError("grid must hold at least one alpha")
-    sel = select_merge(
-        scorer, histories, targets, exclude, item_cluster, {merge: alphas}, m, merged,
-        batch_size, progress, memory_budget, users, prompt_weights=(1.0,),
-    )  # fmt: skip
-    recalls = {a: r for (_, a, _), r in sel.recalls.items()}
-    return AlphaSelection(alpha=sel.alpha, m=sel.m, recalls=recalls, users=sel.users)
-
-
 def retrieve(
     scorer: Scorer,
     histories: np.ndarray,
@@ -436,10 +259,10 @@ def retrieve(
         exist. Plain lists and score-merged lists are ordered best first;
         quota-merged lists are in cluster order (each cluster's share best first).
     """
-    (m,) = _check_m((m,))
-    _check_merge(merge)
+    (m,) = check_m((m,))
+    check_merge(merge)
     alpha = check_alpha(DEFAULT_ALPHA if alpha is None else alpha)
-    prompt_weight = _check_prompt_weight(prompt_weight, merge)
+    prompt_weight = check_prompt_weight(prompt_weight, merge)
     data = candidate_lists.prepare(scorer, histories, None, exclude, item_cluster, users)
     out = []
     batches = candidate_lists.batches(
@@ -448,7 +271,7 @@ def retrieve(
     for batch in batches:
         if merged:
             used = alpha if batch.intent is not None else 0.0
-            lists = _merge(batch, m, used, merge, prompt_weight)
+            lists = merge_batch(batch, m, used, merge, prompt_weight)
         else:
             lists = metrics.global_from_cluster_lists(batch.ids, batch.scores, m)
         out.append(lists[:, :m])

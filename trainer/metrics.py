@@ -253,7 +253,7 @@ class EvaluationResult:
 
 @dataclasses.dataclass(frozen=True)
 class AlphaSelection:
-    """Result of ``trainer.evaluation.select_alpha``.
+    """Result of ``trainer.merge_selection.select_alpha``.
 
     Attributes:
         alpha: the grid value with the best validation Recall@M (first on ties).
@@ -286,7 +286,7 @@ class AlphaSelection:
 
 @dataclasses.dataclass(frozen=True)
 class MergeSelection:
-    """Result of ``trainer.evaluation.select_merge``.
+    """Result of ``trainer.merge_selection.select_merge``.
 
     Attributes:
         merge: the selected merge (``quota`` or ``score``).

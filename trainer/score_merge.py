@@ -28,7 +28,7 @@ of the unprompted output ``u_K`` (task ``K``): each cluster is searched with
 so ``w = 1`` is the score merge above and ``w = 0`` the global top-M of ``u_K`` (every
 cluster queried by the same vector, no offsets: the union's top-M is the global one).
 In between, the prompts and the intent move items by a fraction of their full effect;
-``w`` is selected on validation with ``alpha`` (``trainer.evaluation.select_merge``).
+``w`` is selected on validation with ``alpha`` (``trainer.merge_selection.select_merge``).
 
 ``log Z`` is computed exactly over each cluster's unseen items: in evaluation
 from the exact scores, in the SavedModel from one matmul per cluster against

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from trainer import evaluation, quotas, score_merge
+from trainer import merge_selection, quotas, score_merge
 from trainer.alpha import alpha_from_json, alpha_label, alpha_to_json, check_alpha
 from trainer.cli import parse_alpha
 
@@ -36,4 +36,4 @@ def test_every_caller_rejects_the_same_values_with_one_message(value):
     with pytest.raises(ValueError, match=message):
         score_merge.joint_scores(np.zeros((1, 2, 1)), np.zeros((1, 2)), p, value)
     with pytest.raises(ValueError, match=message):
-        evaluation.selection_grids("score", value)
+        merge_selection.selection_grids("score", value)

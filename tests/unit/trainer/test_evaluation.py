@@ -12,8 +12,8 @@ from trainer.evaluation import (
     Scorer,
     evaluate,
     retrieve,
-    select_alpha,
 )
+from trainer.merge_selection import select_alpha
 from trainer.reference_scorer import MeanPoolScorer
 
 PAD = 0

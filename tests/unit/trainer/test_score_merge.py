@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import candidate_lists, evaluation, score_merge
+from trainer import candidate_lists, evaluation, merge_selection, merges, score_merge
 from trainer.config import PAD_ID
 from trainer.reference_scorer import MeanPoolScorer
 
@@ -109,7 +109,7 @@ def test_evaluation_score_merge_beats_nothing_and_reports_the_merge():
     data = candidate_lists.prepare(scorer, histories, None, None, item_cluster)
     (batch,) = candidate_lists.batches(scorer, data, 10, True, 64, False, 2**30)
     want, _, _ = score_merge.score_merge(
-        batch.scores, batch.ids, batch.log_z, batch.intent, evaluation.DEFAULT_ALPHA, 10
+        batch.scores, batch.ids, batch.log_z, batch.intent, merges.DEFAULT_ALPHA, 10
     )
     np.testing.assert_array_equal(lists, want)
     result = evaluation.evaluate(
@@ -125,18 +125,18 @@ def test_merge_selection_covers_both_merges():
     item_cluster = np.concatenate([[-1], rng.integers(0, k, num_items)])
     histories = rng.integers(1, num_items + 1, size=(30, 6))
     targets = rng.integers(1, num_items + 1, size=30)
-    sel = evaluation.select_merge(scorer, histories, targets, None, item_cluster, m=10)
+    sel = merge_selection.select_merge(scorer, histories, targets, None, item_cluster, m=10)
     assert {g for g, _, _ in sel.recalls} == {"quota", "score"}
     assert sel.recalls[(sel.merge, sel.alpha, sel.prompt_weight)] == max(sel.recalls.values())
     assert {w for g, _, w in sel.recalls if g == "quota"} == {1.0}
     weights = [w for g, _, w in sel.recalls if g == "score"]
-    assert set(weights) == set(evaluation.PROMPT_WEIGHT_GRID) and weights.count(0.0) == 1
+    assert set(weights) == set(merges.PROMPT_WEIGHT_GRID) and weights.count(0.0) == 1
     keys = sel.to_json()
     assert "recall@10[alpha=1]" in keys and "recall@10[score,alpha=1]" in keys
     assert "recall@10[score,alpha=1,w=0.5]" in keys
-    assert evaluation.selection_grids("score", 2.0) == {"score": (2.0,)}
+    assert merge_selection.selection_grids("score", 2.0) == {"score": (2.0,)}
     with pytest.raises(ValueError, match="unknown merge"):
-        evaluation.selection_grids("best")
+        merge_selection.selection_grids("best")
 
 
 def test_blended_joint_scores_weight_the_offsets():
