@@ -75,7 +75,7 @@ def check_prompt_weight(prompt_weight: float, merge: str) -> float:
 
 
 def check_merge(merge: str) -> str:
-    """``merge`` if it names one of ``MERGE_GRIDS``, else ValueError."""
-    if merge not in MERGE_GRIDS:
-        raise ValueError(f"unknown merge {merge!r}; expected one of {tuple(MERGE_GRIDS)}")
-    return merge
+    """``merge`` if it names a merge (``trainer.score_merge.check_merge``), else ValueError."""
+    from trainer.score_merge import check_merge  # loads TensorFlow
+
+    return check_merge(merge)

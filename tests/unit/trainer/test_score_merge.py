@@ -139,6 +139,12 @@ def test_merge_selection_covers_both_merges():
         merge_selection.selection_grids("best")
 
 
+def test_every_merge_has_a_validation_grid():
+    assert tuple(merges.MERGE_GRIDS) == score_merge.MERGES
+    with pytest.raises(ValueError, match="unknown merge"):
+        merges.check_merge("best")
+
+
 def test_blended_joint_scores_weight_the_offsets():
     rng = np.random.default_rng(9)
     scores, _, log_z, p = _lists(rng, empty_tail=False)
