@@ -128,7 +128,7 @@ bench-defaults: venv
 	$(BIN)/dnc preprocess --source synthetic --synthetic-users 6040 --synthetic-items 3706 \
 		--synthetic-mean-length 165 --output runs/synthetic-ml1m
 	$(BIN)/python bench/defaults.py --data runs/synthetic-ml1m --convergence-variants dnc \
-		--out bench/results/defaults-ml1m-issue11-patience
+		--out bench/results/defaults-ml1m-issue11-windows
 
 bench-serving: venv
 	$(BIN)/python bench/serving.py

@@ -224,7 +224,9 @@ class TrainConfig:
         lr_decay: factor the learning rate is multiplied by after each epoch without
             validation improvement (Keras ``ReduceLROnPlateau`` on the early-stopping
             monitor, from the epoch early stopping starts watching); 1.0: a constant rate.
-        shuffle_buffer: tf.data shuffle buffer of samples.
+        shuffle_buffer: tf.data shuffle buffer: of samples (per-prefix training) or of
+            window indices (all-position training, where the default draws every
+            window of up to 100,000 in a uniformly random order each epoch).
         steps_per_epoch: cap on steps per epoch (None: one pass over the samples).
         eval_m: list sizes M for validation recall (their mean drives early stopping).
         eval_users: validation users used each epoch (None: all).

@@ -265,7 +265,15 @@ def batched_examples(
         batches = examples.batch(batch_size, drop_remainder=True)
     else:
         batches = batch(examples)
-    if with_negatives:
+    return with_negatives_and_prefetch(batches, add_negatives if with_negatives else None, seed)
+
+
+def with_negatives_and_prefetch(
+    batches: tf.data.Dataset, add_negatives: Optional[Callable] = None, seed: int = 42
+) -> tf.data.Dataset:
+    """``batches`` with ``add_negatives(batch, seed_pair)`` applied (None: as they are),
+    prefetched. The per-batch seed pairs come from ``seed + 2``."""
+    if add_negatives is not None:
         seeds = tf.data.Dataset.random(seed=seed + 2).batch(2)
         batches = tf.data.Dataset.zip((batches, seeds)).map(
             add_negatives, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True

@@ -199,7 +199,10 @@ class NegativeSampler(tf.Module):
             positive_clusters = self.cluster_of(positives)
         positive_clusters = tf.cast(positive_clusters, tf.int32)
         shape = tf.stack([tf.size(positives), int(num_negatives)])
-        draws = self._random_ints(shape, seed)
+        # Only the streams this mode reads: global 1, in-cluster 2, mixed 3 (a stream's
+        # stateless draws do not depend on how many come after it).
+        streams = 1 if self._p_in == 0.0 else (2 if self._p_in == 1.0 else 3)
+        draws = self._random_ints(shape, seed, streams)
         n = tf.constant(self.table.num_items, tf.int64)
         global_ids = tf.cast(tf.math.floormod(draws[0], n) + 1, tf.int32)
         if self._p_in == 0.0:
@@ -225,9 +228,11 @@ class NegativeSampler(tf.Module):
         log_q = self.log_prob(negatives, positive_clusters)
         return SampledNegatives(negatives, valid, log_q)
 
-    def _random_ints(self, shape: tf.Tensor, seed: Optional[tf.Tensor]) -> tf.Tensor:
-        """[3, *shape] non-negative int64 draws (global, in-cluster, coin)."""
-        full = tf.concat([[3], shape], 0)
+    def _random_ints(
+        self, shape: tf.Tensor, seed: Optional[tf.Tensor], streams: int = 3
+    ) -> tf.Tensor:
+        """[streams, *shape] non-negative int64 draws (global, in-cluster, coin)."""
+        full = tf.concat([[streams], shape], 0)
         if seed is None:
             bits = self.generator.uniform_full_int(full, dtype=tf.int64)
         else:

@@ -267,6 +267,36 @@ def test_all_position_windows_cover_every_target_once_per_epoch(tiny_data):
     assert sequence_data.count_training_windows(tiny_data, 10) == len(list(dataset))
 
 
+def test_all_position_epochs_draw_the_windows_in_a_new_seeded_order(tiny_data):
+    def epochs(seed, count=2):
+        dataset = sequence_data.sequence_dataset(
+            tiny_data, 10, batch_size=1, repeat=False, seed=seed
+        )
+        return [
+            [tuple(row) for b in dataset for row in b[data.TARGET].numpy().tolist()]
+            for _ in range(count)
+        ]
+
+    first, second = epochs(seed=7)
+    assert sorted(first) == sorted(second) and first != second  # reshuffled each epoch
+    assert epochs(seed=7, count=1)[0] == first  # the seed fixes the order
+    assert epochs(seed=8, count=1)[0] != first
+
+
+def test_gathered_windows_equal_the_windows_cut_per_user(tiny_data):
+    split = data.load_train_split(tiny_data)
+    windows = sequence_data.training_windows(split, 10)
+    rows = sequence_data.gather_windows(windows, tf.range(windows[data.USER].shape[0]))
+    start = 0
+    for record in split.dataset().take(20):
+        cut = sequence_data.sequence_windows(record["items"], record["clusters"], 10)
+        n = int(cut[data.MASK].shape[0])
+        for key in (data.HISTORY, data.TARGET, data.TARGET_CLUSTER, data.MASK):
+            np.testing.assert_array_equal(rows[key][start : start + n], cut[key])
+        assert set(rows[data.USER][start : start + n].numpy()) == {int(record[data.USER])}
+        start += n
+
+
 @pytest.mark.parametrize(
     "variant, margin", [("sasrec", 2.0), ("dnc", 2.0), ("comirec-sa", 2.0), ("mind", 1.5)]
 )

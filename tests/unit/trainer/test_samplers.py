@@ -75,6 +75,16 @@ def test_in_cluster_negatives_stay_in_cluster_and_mask_hits(table):
     assert not (neg == PAD_ID).any()
 
 
+@pytest.mark.parametrize("streams", [1, 2])
+def test_fewer_random_streams_draw_the_same_leading_streams(table, streams):
+    # sample() draws only the streams its mode reads; seeded negatives must not change.
+    sampler = NegativeSampler(table, "mixed")
+    shape, seed = tf.constant([64, 9]), tf.constant([3, 4], tf.int64)
+    few = sampler._random_ints(shape, seed, streams).numpy()
+    assert few.shape == (streams, 64, 9)
+    assert np.array_equal(few, sampler._random_ints(shape, seed, 3).numpy()[:streams])
+
+
 def test_global_negatives_are_uniform(table):
     sampler = NegativeSampler(table, "global", seed=5)
     pos, clusters, _ = _batch(table, b=100)
