@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-serving bench-serving-lowrank bench-serving-default bench-grpc-floor bench-merge bench-profile bench-load lock clean
+.PHONY: venv demo test test-all lint format bench-preprocess bench-quality bench-allpos bench-tune bench-compare bench-multi-interest bench-scann-sweep bench-defaults bench-input-pipeline bench-serving bench-serving-lowrank bench-serving-default bench-grpc-floor bench-merge bench-profile bench-load lock clean
 
 venv: $(STAMP)
 
@@ -129,6 +129,15 @@ bench-defaults: venv
 		--synthetic-mean-length 165 --output runs/synthetic-ml1m
 	$(BIN)/python bench/defaults.py --data runs/synthetic-ml1m --convergence-variants dnc \
 		--out bench/results/defaults-ml1m-issue11-windows
+
+# Issue 11: what the all-position input pipeline costs a step, before and after section 23.
+bench-input-pipeline: venv
+	$(BIN)/dnc preprocess --source synthetic --synthetic-users 6040 --synthetic-items 3706 \
+		--synthetic-mean-length 165 --output runs/synthetic-ml1m
+	$(BIN)/dnc preprocess --source sequences --input ../shared/data/amazon-beauty/Beauty.txt \
+		--output runs/beauty
+	$(BIN)/python bench/input_pipeline.py --data runs/synthetic-ml1m --data runs/beauty \
+		--out bench/results/input-pipeline
 
 bench-serving: venv
 	$(BIN)/python bench/serving.py

@@ -193,6 +193,7 @@ def main() -> None:
         "convergence": {},
         **quality.run_metadata(),
     }
+    report["machine"]["load_average_end"] = load_average()
     quality.write_outputs(args.out, report, markdown(report))
     if not args.no_convergence:
         work = args.workdir or tempfile.mkdtemp(prefix="dnc-defaults-")

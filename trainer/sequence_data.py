@@ -161,6 +161,12 @@ def trim_padding(batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     }
 
 
+# The accidental-hit check of all-position negatives builds a [windows, items + 1] presence
+# table per batch (``window_hits``) up to this many cells (64 MB of int32 counts); larger
+# batches or catalogues compare each negative with the window's inputs instead.
+MAX_PRESENCE_CELLS = 1 << 24
+
+
 def training_windows(split: TrainSplit, max_len: int) -> Dict[str, tf.Tensor]:
     """Every all-position window of one epoch (``sequence_windows`` of each user), stacked.
 
@@ -227,26 +233,58 @@ def sequence_dataset(
     negatives = None
     if sampler is not None:
         negatives = functools.partial(
-            _add_sequence_negatives, sampler=sampler, num_negatives=num_negatives
+            _add_sequence_negatives,
+            sampler=sampler,
+            num_negatives=num_negatives,
+            max_windows=batch_size if buckets is None else max(buckets.batch_sizes),
         )
     return with_negatives_and_prefetch(batches, negatives, seed)
 
 
-def _add_sequence_negatives(batch, seed, sampler, num_negatives):
+def window_hits(negatives: tf.Tensor, history: tf.Tensor, num_items: int) -> tf.Tensor:
+    """Whether each negative is one of its window's input items: ``[B, W, N]`` bool.
+
+    Args:
+        negatives: [B, W, N] model item ids (>= 1).
+        history: [B, W] the windows' inputs, ``PAD_ID``-padded (PAD never matches).
+        num_items: N_items; the check builds a [B, N_items + 1] presence table, so each
+            negative costs one lookup instead of W comparisons.
+    """
+    rows = tf.shape(history)[0]
+    row_of = tf.repeat(tf.range(rows), tf.shape(history)[1])
+    counts = tf.scatter_nd(
+        tf.stack([row_of, tf.reshape(history, [-1])], axis=1),
+        tf.ones_like(row_of),
+        tf.stack([rows, num_items + 1]),
+    )
+    present = tf.not_equal(counts, 0) & tf.not_equal(tf.range(num_items + 1), PAD_ID)[None, :]
+    flat = tf.reshape(negatives, tf.stack([rows, -1]))
+    return tf.reshape(tf.gather(present, flat, batch_dims=1), tf.shape(negatives))
+
+
+def _add_sequence_negatives(batch, seed, sampler, num_negatives, max_windows=None):
+    """``batch`` with per-position negatives. The accidental-hit check against the window's
+    inputs uses ``window_hits`` when a batch's presence table (``max_windows`` rows) stays
+    within ``MAX_PRESENCE_CELLS``, else the sampler's own broadcast comparison."""
     history = batch[HISTORY]
     shape = tf.shape(history)
+    cells = (max_windows or MAX_PRESENCE_CELLS + 1) * (sampler.table.num_items + 1)
+    table = cells <= MAX_PRESENCE_CELLS
     negatives, valid, log_q = sampler.sample(
         tf.reshape(batch[TARGET], [-1]),
         tf.reshape(batch[TARGET_CLUSTER], [-1]),
-        tf.repeat(history, shape[1], axis=0),
+        None if table else tf.repeat(history, shape[1], axis=0),
         num_negatives,
         seed=seed,
     )
     out_shape = tf.concat([shape, [num_negatives]], 0)
+    negatives, valid = tf.reshape(negatives, out_shape), tf.reshape(valid, out_shape)
+    if table:
+        valid &= ~window_hits(negatives, history, sampler.table.num_items)
     return {
         **batch,
-        NEGATIVES: tf.reshape(negatives, out_shape),
-        NEGATIVES_VALID: tf.reshape(valid, out_shape),
+        NEGATIVES: negatives,
+        NEGATIVES_VALID: valid,
         NEGATIVES_LOG_Q: tf.reshape(log_q, out_shape),
     }
 

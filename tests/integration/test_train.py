@@ -13,6 +13,7 @@ from pipeline.cli import main
 from pipeline.evaluator import popularity_recall
 from trainer import data, evaluation, sequence_data, significance
 from trainer.config import VARIANTS, ModelConfig, TrainConfig, make_train_config
+from trainer.samplers import ClusterTable, NegativeSampler
 from trainer.train import (
     MONITOR,
     MONITOR_PROMPT_WEIGHTS,
@@ -281,6 +282,25 @@ def test_all_position_epochs_draw_the_windows_in_a_new_seeded_order(tiny_data):
     assert sorted(first) == sorted(second) and first != second  # reshuffled each epoch
     assert epochs(seed=7, count=1)[0] == first  # the seed fixes the order
     assert epochs(seed=8, count=1)[0] != first
+
+
+def test_window_hits_equal_the_broadcast_check_of_the_sampler(tiny_data):
+    items = data.load_items(tiny_data)
+    sampler = NegativeSampler(ClusterTable(items.item_cluster[1:], items.num_clusters), "mixed")
+    batch = next(iter(sequence_data.sequence_dataset(tiny_data, 10, 8, repeat=False)))
+    seed = tf.constant([5, 6], tf.int64)
+    by_table = sequence_data._add_sequence_negatives(batch, seed, sampler, 16, max_windows=8)
+    by_compare = sequence_data._add_sequence_negatives(batch, seed, sampler, 16)
+    for key in (data.NEGATIVES, data.NEGATIVES_VALID, data.NEGATIVES_LOG_Q):
+        np.testing.assert_array_equal(by_table[key], by_compare[key])
+    valid = by_table[data.NEGATIVES_VALID].numpy()
+    assert valid.any() and not valid.all()  # some draws hit the window's items
+    negatives, history = by_table[data.NEGATIVES].numpy(), batch[data.HISTORY].numpy()
+    for b in range(len(history)):
+        inputs = set(history[b][history[b] != 0].tolist())
+        target = batch[data.TARGET].numpy()[b][:, None]
+        hit = np.isin(negatives[b], list(inputs)) | (negatives[b] == target)
+        np.testing.assert_array_equal(valid[b], ~hit)
 
 
 def test_gathered_windows_equal_the_windows_cut_per_user(tiny_data):
