@@ -5,7 +5,8 @@ of ``--steps`` training steps from three sources of the same batches' kind:
 
 * ``per-epoch cut``: the pipeline before docs/divide-and-conquer.md section 23, each epoch
   cutting every user's sequence into windows (``flat_map``) and shuffling them one by one
-  in a buffer of 20,000 (``trainer.data.batched_examples``);
+  in a buffer of 20,000 (``trainer.data.batched_examples``), negatives checked against
+  the window's inputs by the sampler's broadcast comparison (today's sampler otherwise);
 * ``cut once``: ``trainer.sequence_data.sequence_dataset`` (windows cut once per run,
   batches gathered by shuffled index), what ``dnc train`` uses;
 * ``cached``: ``--steps`` batches of ``cut once`` held in memory, the floor with no input
@@ -47,18 +48,11 @@ SOURCES = ("per-epoch cut", "cut once", "cached")
 def _pipelines(config, items, split) -> Dict[str, Any]:
     """source name -> endless dataset of ``config``'s all-position batches."""
     from trainer import data, sequence_data
-    from trainer.config import get_variant
-    from trainer.samplers import ClusterTable, NegativeSampler
-    from trainer.train import make_dataset
+    from trainer.train import input_sampler, make_dataset
 
     negatives = None
-    if config.loss != "softmax":  # the variant draws negatives, as make_dataset does
-        sampler = NegativeSampler(
-            ClusterTable(items.item_cluster[1:], items.num_clusters),
-            mode=get_variant(config.variant).sampler,
-            ratio=config.mixed_ratio,
-            seed=config.seed,
-        )
+    sampler = input_sampler(config, items)
+    if sampler is not None:  # no max_windows: the old broadcast accidental-hit check
         negatives = functools.partial(
             sequence_data._add_sequence_negatives,
             sampler=sampler,

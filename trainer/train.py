@@ -234,6 +234,19 @@ def build_model(config: TrainConfig, items: data.ItemsTable) -> RetrievalModel:
     )
 
 
+def input_sampler(config: TrainConfig, items: data.ItemsTable) -> Optional[NegativeSampler]:
+    """The sampler that draws ``config``'s negatives in the input pipeline, or None where
+    the loss needs none (full ``softmax``) or the model draws them (``shared_negatives``)."""
+    if config.loss == "softmax" or config.shared_negatives:
+        return None
+    return NegativeSampler(
+        ClusterTable(items.item_cluster[1:], items.num_clusters),
+        mode=get_variant(config.variant).sampler,
+        ratio=config.mixed_ratio,
+        seed=config.seed,
+    )
+
+
 def make_dataset(
     config: TrainConfig, items: data.ItemsTable, split: Optional[data.TrainSplit] = None
 ) -> tf.data.Dataset:
@@ -244,17 +257,8 @@ def make_dataset(
     batches after ``config.training``; the full ``softmax`` loss needs no negatives.
     ``split`` is the training split already read (None: read it from ``config.data``).
     """
-    table = ClusterTable(items.item_cluster[1:], items.num_clusters)
-    sampler = None
-    if config.loss != "softmax" and not config.shared_negatives:
-        sampler = NegativeSampler(
-            table,
-            mode=get_variant(config.variant).sampler,
-            ratio=config.mixed_ratio,
-            seed=config.seed,
-        )
     kwargs = dict(
-        sampler=sampler,
+        sampler=input_sampler(config, items),
         num_negatives=config.num_negatives,
         shuffle_buffer=config.shuffle_buffer,
         seed=config.seed,
