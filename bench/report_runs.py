@@ -9,6 +9,10 @@ JSON + Markdown table, with the machine and library versions.
         --run dnc=runs/i11/beauty-dnc:runs/i11/beauty-dnc-eval.json \\
         --run sasrec=runs/i11/beauty-sasrec:runs/i11/beauty-sasrec-eval.json \\
         --out bench/results/runs-beauty
+
+``--include`` starts from an earlier report's rows (their figures as recorded: the model
+directories may be gone); ``--rename 'OLD=>NEW'`` relabels one of them in place, and a
+``--run`` of the same name replaces it in place (new names are appended).
 """
 
 from __future__ import annotations
@@ -56,6 +60,22 @@ def collect(specs: List[str]) -> Dict[str, Any]:
     return runs
 
 
+def merge_runs(
+    included: Dict[str, Any], renames: List[str], fresh: Dict[str, Any]
+) -> Dict[str, Any]:
+    """Earlier rows, relabelled by ``OLD=>NEW`` renames, then updated by ``fresh`` in place."""
+    runs = dict(included)
+    for spec in renames:
+        old, sep, new = spec.partition("=>")
+        if not (sep and old and new):
+            raise ValueError(f"--rename must be 'OLD=>NEW', got {spec!r}")
+        if old not in runs:
+            raise ValueError(f"--rename: no included run named {old!r}; have {sorted(runs)}")
+        runs = {(new if k == old else k): v for k, v in runs.items()}
+    runs.update(fresh)
+    return runs
+
+
 def markdown(title: str, runs: Dict[str, Any], m: Tuple[int, int] = (20, 50)) -> str:
     """The runs' table at the list sizes ``m`` (small, large)."""
     a, b = m
@@ -82,13 +102,21 @@ def markdown(title: str, runs: Dict[str, Any], m: Tuple[int, int] = (20, 50)) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", required=True, help="NAME=MODEL_DIR:EVAL_JSON")
+    parser.add_argument("--run", action="append", default=[], help="NAME=MODEL_DIR:EVAL_JSON")
+    parser.add_argument("--include", action="append", default=[], help="earlier report JSON")
+    parser.add_argument("--rename", action="append", default=[], help="'OLD=>NEW' row label")
     parser.add_argument("--title", required=True)
     parser.add_argument("--out", required=True, help="output path without extension")
     parser.add_argument("--m", default="20,50", help="the two list sizes of the table")
     args = parser.parse_args()
     small, large = (int(x) for x in args.m.split(","))
-    runs = collect(args.run)
+    included: Dict[str, Any] = {}
+    for path in args.include:
+        with open(path, encoding="utf-8") as f:
+            included.update(json.load(f)["runs"])
+    runs = merge_runs(included, args.rename, collect(args.run))
+    if not runs:
+        raise SystemExit("nothing to report: give --run or --include")
     report = {"benchmark": "runs", "title": args.title, "runs": runs, **quality.run_metadata()}
     quality.write_outputs(args.out, report, markdown(args.title, runs, (small, large)))
 

@@ -122,9 +122,9 @@ def test_dnc_embeddings_keep_the_regime_on_larger_data(tmp_path):
     assert (config.learning_rate, config.lr_decay) == (1e-3, 1.0)
 
 
-def test_dnc_and_sasrec_learn_faster_with_a_decay_on_large_data(tmp_path):
+def test_dnc_and_the_sasrec_variants_learn_faster_with_a_decay_on_large_data(tmp_path):
     large = _data(tmp_path, LARGE_DATA_INTERACTIONS)
-    for variant, width in (("dnc", 100), ("sasrec", 50)):
+    for variant, width in (("dnc", 100), ("sasrec", 50), ("sasrec-mixed", 50)):
         config = make_train_config(large, "o", variant)
         assert config.learning_rate == LARGE_DATA_LEARNING_RATE
         assert config.lr_decay == LARGE_DATA_LR_DECAY < 1.0
@@ -135,7 +135,7 @@ def test_dnc_and_sasrec_learn_faster_with_a_decay_on_large_data(tmp_path):
     assert make_train_config(large, "o", "dnc", lr_decay=1.0).lr_decay == 1.0
     assert make_train_config(large, "o", "dnc", patience=5).patience == 5
     for other in (
-        make_train_config(large, "o", "sasrec-mixed"),
+        make_train_config(large, "o", "mind"),
         make_train_config(large, "o", "dnc", "paper"),
         make_train_config(large, "o", "sasrec", "paper"),
     ):
@@ -146,7 +146,7 @@ def test_dnc_and_sasrec_learn_faster_with_a_decay_on_large_data(tmp_path):
 def test_sparse_data_gets_more_dropout_and_narrower_embeddings(tmp_path):
     users = 10_000  # 200K interactions at the threshold: neither small nor large data
     sparse = _data(tmp_path / "sparse", SPARSE_MEAN_LENGTH * users - 1, users)
-    for variant in ("dnc", "sasrec"):
+    for variant in ("dnc", "sasrec", "sasrec-mixed"):
         model = make_train_config(sparse, "o", variant).model
         assert (model.dropout, model.embedding_dim) == (SPARSE_DROPOUT, SPARSE_DIM)
     explicit = make_train_config(sparse, "o", "dnc", model_overrides={"dropout": 0.1})
@@ -154,7 +154,8 @@ def test_sparse_data_gets_more_dropout_and_narrower_embeddings(tmp_path):
     dense = _data(tmp_path / "dense", SPARSE_MEAN_LENGTH * users, users)
     for config in (
         make_train_config(sparse, "o", "dnc", "paper"),
-        make_train_config(sparse, "o", "sasrec-mixed"),
+        make_train_config(sparse, "o", "mind"),
+        make_train_config(sparse, "o", "sasrec-mixed", "paper"),
         make_train_config(dense, "o", "dnc"),
         make_train_config(dense, "o", "sasrec"),
     ):
