@@ -24,6 +24,7 @@ from trainer.sizing import (
     SPARSE_DIM,
     SPARSE_DROPOUT,
     SPARSE_MEAN_LENGTH,
+    SPARSE_PATIENCE,
 )
 
 README = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, os.pardir, "README.md")
@@ -147,8 +148,10 @@ def test_sparse_data_gets_more_dropout_and_narrower_embeddings(tmp_path):
     users = 10_000  # 200K interactions at the threshold: neither small nor large data
     sparse = _data(tmp_path / "sparse", SPARSE_MEAN_LENGTH * users - 1, users)
     for variant in ("dnc", "sasrec", "sasrec-mixed"):
-        model = make_train_config(sparse, "o", variant).model
-        assert (model.dropout, model.embedding_dim) == (SPARSE_DROPOUT, SPARSE_DIM)
+        config = make_train_config(sparse, "o", variant)
+        assert (config.model.dropout, config.model.embedding_dim) == (SPARSE_DROPOUT, SPARSE_DIM)
+        assert config.patience == SPARSE_PATIENCE > TrainConfig.patience
+    assert make_train_config(sparse, "o", "dnc", patience=2).patience == 2
     explicit = make_train_config(sparse, "o", "dnc", model_overrides={"dropout": 0.1})
     assert (explicit.model.dropout, explicit.model.embedding_dim) == (0.1, SPARSE_DIM)
     dense = _data(tmp_path / "dense", SPARSE_MEAN_LENGTH * users, users)
@@ -160,7 +163,16 @@ def test_sparse_data_gets_more_dropout_and_narrower_embeddings(tmp_path):
         make_train_config(dense, "o", "sasrec"),
     ):
         assert config.model.dropout == 0.2
+        assert config.patience == TrainConfig.patience
     assert make_train_config(dense, "o", "dnc").model.embedding_dim == 100
+
+
+def test_large_sparse_data_keeps_the_large_data_patience(tmp_path):
+    users = LARGE_DATA_INTERACTIONS // SPARSE_MEAN_LENGTH + 1  # below 20 a user, yet large
+    large_sparse = _data(tmp_path, LARGE_DATA_INTERACTIONS, users)
+    config = make_train_config(large_sparse, "o", "dnc")
+    assert config.model.dropout == SPARSE_DROPOUT
+    assert config.patience == LARGE_DATA_PATIENCE
 
 
 def test_stats_without_a_user_count_is_an_error(tmp_path):
@@ -187,3 +199,4 @@ def test_the_readme_states_the_data_sized_rules():
     assert f"fewer than {SPARSE_MEAN_LENGTH} interactions on average" in text
     sparse = f"the dropout is {SPARSE_DROPOUT:g} instead of 0.2 and the embeddings are {SPARSE_DIM}"
     assert sparse in text
+    assert f"early stopping waits {SPARSE_PATIENCE} epochs instead of 3" in text
